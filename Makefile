@@ -1,0 +1,25 @@
+# The two commands a user needs: `make repro` (the whole pipeline) and `make test` (the suite).
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Stage commands in dvc.yaml call `python`: put the project's environment first on PATH.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export NO_ALBUMENTATIONS_UPDATE := 1
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: repro test venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+repro: $(STAMP)
+	dvc repro
+
+test: $(STAMP)
+	pytest

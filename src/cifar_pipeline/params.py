@@ -1,0 +1,207 @@
+"""The one typed schema for params.yaml.
+
+Every stage calls `load_params()` before doing any work, so a typo anywhere in the file stops
+`dvc repro` at its first stage with a message naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cifar_pipeline.errors import PipelineError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsError(PipelineError):
+    """params.yaml is missing, unreadable or does not match the schema."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DataParams(_Section):
+    url: str = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    md5: str | None = "c58f30108f718f92721af3b95e74349a"
+    train_subset: int | None = Field(default=None, ge=10)
+    test_subset: int | None = Field(default=None, ge=10)
+    val_size: int = Field(default=0, ge=0)
+    num_workers: int | Literal["auto"] = "auto"
+
+    @field_validator("md5")
+    @classmethod
+    def _md5_hex(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9a-fA-F]{32}", value):
+            raise ValueError("must be null (skip the check) or 32 hexadecimal digits")
+        return value.lower() if value else value
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers_not_negative(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be 'auto' or an integer >= 0")
+        return value
+
+    @model_validator(mode="after")
+    def _val_fits(self) -> DataParams:
+        if self.train_subset is not None and self.val_size >= self.train_subset:
+            raise ValueError(
+                f"data.val_size ({self.val_size}) must be smaller than data.train_subset ({self.train_subset})"
+            )
+        return self
+
+
+class ModelParams(_Section):
+    name: str = "custom_resnet"
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    downsample: Literal["stride", "dilation"] = "stride"
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        from cifar_pipeline.models import MODELS
+
+        if value not in MODELS:
+            raise ValueError(f"unknown model; known models: {', '.join(sorted(MODELS))}")
+        return value
+
+
+class AugmentParams(_Section):
+    hflip_p: float = Field(default=0.5, ge=0.0, le=1.0)
+    shift_limit: float = Field(default=0.1, ge=0.0, le=0.5)
+    scale_limit: float = Field(default=0.1, ge=0.0, lt=1.0)
+    rotate_limit: float = Field(default=15.0, ge=0.0, le=180.0)
+    shift_scale_rotate_p: float = Field(default=0.5, ge=0.0, le=1.0)
+    coarse_dropout_p: float = Field(default=0.5, ge=0.0, le=1.0)
+    hole_size: int = Field(default=16, ge=1, le=32)
+
+
+class LrFindParams(_Section):
+    start_lr: float = Field(default=1e-7, gt=0.0)
+    end_lr: float = Field(default=10.0, gt=0.0)
+    num_iter: int = Field(default=200, ge=10)
+    smooth: float = Field(default=0.05, gt=0.0, le=1.0)
+    diverge_threshold: float = Field(default=5.0, gt=1.0)
+    rule: Literal["steepest", "valley"] = "steepest"
+
+    @model_validator(mode="after")
+    def _range_increases(self) -> LrFindParams:
+        if self.end_lr <= self.start_lr:
+            raise ValueError(f"lr_find.end_lr ({self.end_lr}) must be greater than lr_find.start_lr ({self.start_lr})")
+        return self
+
+
+class TrainParams(_Section):
+    epochs: int = Field(default=24, ge=1)
+    batch_size: int = Field(default=512, ge=1)
+    max_lr: float | Literal["auto"] = "auto"
+    peak_epoch: int = Field(default=5, ge=1)
+    div_factor: float = Field(default=100.0, ge=1.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    deterministic: bool = False
+
+    @field_validator("max_lr")
+    @classmethod
+    def _positive_lr(cls, value: float | str) -> float | str:
+        if value != "auto" and not value > 0:
+            raise ValueError("must be 'auto' or a number > 0")
+        return value
+
+    @model_validator(mode="after")
+    def _peak_inside(self) -> TrainParams:
+        if self.peak_epoch > self.epochs:
+            raise ValueError(f"train.peak_epoch ({self.peak_epoch}) must not exceed train.epochs ({self.epochs})")
+        return self
+
+
+class ReportParams(_Section):
+    misclassified: int = Field(default=20, ge=1, le=200)
+
+
+class Params(_Section):
+    seed: int = Field(default=42, ge=0)
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    augment: AugmentParams = AugmentParams()
+    lr_find: LrFindParams = LrFindParams()
+    train: TrainParams = TrainParams()
+    report: ReportParams = ReportParams()
+
+
+def _field_path(loc: tuple) -> tuple[tuple[str, ...], type[BaseModel] | None]:
+    """The params keys in a pydantic error location, and the section model that holds the last one.
+
+    Locations of union errors carry the branch name too ('train.max_lr.float'): stop at the field.
+    """
+    model: type[BaseModel] | None = Params
+    keys: list[str] = []
+    for part in loc:
+        if model is None or not isinstance(part, str):
+            break
+        keys.append(part)
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif field is not None:
+            model = None
+    return tuple(keys), model
+
+
+def _describe(error: dict) -> tuple[str, str, str]:
+    """(key, the offending value or '', what is wrong) for one pydantic error."""
+    keys, _ = _field_path(error["loc"])
+    key = ".".join(keys) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        section, _ = _field_path(keys[:-1])
+        _, model = _field_path(section) if section else ((), Params)
+        known = list(model.model_fields) if model else []
+        hint = difflib.get_close_matches(keys[-1], known, n=1)
+        message = "unknown key"
+        if hint:
+            message += f" (did you mean '{'.'.join((*keys[:-1], hint[0]))}'?)"
+        return key, "", message + f"; allowed keys here: {', '.join(known)}"
+    message = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    shown = error["type"] != "missing" and "input" in error and not isinstance(error["input"], dict)
+    return key, f" = {error['input']!r}" if shown else "", message
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate already-loaded YAML content; raise ParamsError listing every problem."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        # pydantic reports each failing branch of a union separately: merge them into one line per key.
+        problems: dict[tuple[str, str], list[str]] = {}
+        for error in exc.errors():
+            key, value, message = _describe(error)
+            messages = problems.setdefault((key, value), [])
+            if message not in messages:
+                messages.append(message)
+        lines = [f"{key}{value}: {' or '.join(messages)}" for (key, value), messages in problems.items()]
+        raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found: run the stages from the project root, where params.yaml lives")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+    return parse_params(raw, source=str(path))

@@ -1,0 +1,13 @@
+"""train stage."""
+
+from cifar_pipeline.errors import PipelineError, run_stage
+from cifar_pipeline.params import load_params
+
+
+def main() -> None:
+    load_params()
+    raise PipelineError("the train stage is not built yet (issue 6)")
+
+
+if __name__ == "__main__":
+    run_stage(main)

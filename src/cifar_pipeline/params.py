@@ -66,10 +66,10 @@ class ModelParams(_Section):
     @field_validator("name")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        from cifar_pipeline.models import MODELS
+        from cifar_pipeline.models import MODEL_NAMES
 
-        if value not in MODELS:
-            raise ValueError(f"unknown model; known models: {', '.join(sorted(MODELS))}")
+        if value not in MODEL_NAMES:
+            raise ValueError(f"unknown model; known models: {', '.join(MODEL_NAMES)}")
         return value
 
 

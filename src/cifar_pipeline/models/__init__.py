@@ -1,5 +1,8 @@
-"""Model registry: build a model from its name and params."""
+"""Model registry: build a model from its name and params.
+
+Importing this module must stay cheap (no torch): params validation uses MODEL_NAMES in every stage.
+"""
 
 from __future__ import annotations
 
-MODELS: dict = {"custom_resnet": None, "dilated_net": None}
+MODEL_NAMES = ("custom_resnet", "dilated_net")

@@ -1,12 +1,16 @@
-"""compute-mean-std stage."""
+"""compute-mean-std stage: per-channel mean and std of the images the model trains on -> data/stats.json."""
 
-from cifar_pipeline.errors import PipelineError, run_stage
+from cifar_pipeline.dataset import DATA_DIR
+from cifar_pipeline.errors import run_stage
 from cifar_pipeline.params import load_params
+from cifar_pipeline.stats import STATS_FILE, compute_stats
 
 
 def main() -> None:
-    load_params()
-    raise PipelineError("the compute-mean-std stage is not built yet (issue 2)")
+    params = load_params()
+    stats = compute_stats(DATA_DIR, params.data, params.seed)
+    mean, std = (", ".join(f"{x:.5f}" for x in stats[key]) for key in ("mean", "std"))
+    print(f"{STATS_FILE}: mean ({mean}), std ({std}) over {stats['count']} train images in {stats['wall_time_s']} s")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """download stage: fetch the CIFAR-10 archive (URL or local path) and write data/cifar10/{train,test}.npz."""
 
-from cifar_pipeline.errors import PipelineError, run_stage
+from cifar_pipeline.download import download
+from cifar_pipeline.errors import run_stage
 from cifar_pipeline.params import load_params
 
 
 def main() -> None:
-    load_params()
-    raise PipelineError("the download stage is not built yet (issue 2)")
+    data = load_params().data
+    meta = download(data.url, data.md5)
+    counts = ", ".join(f"{n} {split}" for split, n in meta["counts"].items())
+    print(f"data/cifar10: {counts} images ({meta['layout']} layout, md5 {meta['md5']}) in {meta['wall_time_s']:.1f} s")
 
 
 if __name__ == "__main__":

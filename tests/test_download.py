@@ -1,0 +1,471 @@
+"""The download stage: every source kind, a flaky server, every bad archive, hostile archives, the stage script."""
+
+import hashlib
+import http.server
+import json
+import os
+import pickle
+import shlex
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from archives import (
+    CLASSES,
+    add_file,
+    encode_image,
+    image_folder_files,
+    make_image_folder_archive,
+    make_pickle_archive,
+    pickle_batch,
+    py2_pickle,
+    write_tar,
+)
+
+from cifar_pipeline import dataset
+from cifar_pipeline.download import download, download_url, load_pickle
+from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.params import DataParams
+from cifar_pipeline.stats import compute_stats
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+SHARED_MD5 = "61471a7f964ebfeacc418be171470386"
+FAST = {"backoff_s": 0.01, "timeout_s": 5.0}
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def assert_output(out: Path, arrays: dict) -> dict:
+    """The written folder holds exactly `arrays`, with the documented dtypes; returns meta.json."""
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.npz", "train.npz"]
+    for split, (images, labels) in arrays.items():
+        with np.load(out / f"{split}.npz") as npz:
+            assert npz["images"].dtype == np.uint8 and npz["labels"].dtype == np.int64
+            np.testing.assert_array_equal(npz["images"], images)
+            np.testing.assert_array_equal(npz["labels"], labels)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["classes"] == list(CLASSES)
+    for split, (_, labels) in arrays.items():
+        assert meta["counts"][split] == len(labels)
+        assert list(meta["class_counts"][split].values()) == np.bincount(labels, minlength=10).tolist()
+    return meta
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def pickle_archive(tmp_path_factory):
+    path = tmp_path_factory.mktemp("archives") / "cifar-10-python.tar.gz"
+    return path, make_pickle_archive(path, n_train=50, n_test=20, seed=1)
+
+
+# --- local sources --------------------------------------------------------------------------------------------
+
+
+def test_pickle_layout_from_a_local_path(tmp_path, pickle_archive):
+    path, arrays = pickle_archive
+    meta = download(str(path), md5_of(path), tmp_path / "cifar10")
+    assert assert_output(tmp_path / "cifar10", arrays) == meta
+    assert meta["layout"] == "pickle" and meta["source"] == str(path) and meta["md5"] == md5_of(path)
+    assert meta["wall_time_s"] >= 0
+    assert leftovers(tmp_path) == ["cifar10"]  # no scratch or temporary folders left behind
+
+
+@pytest.mark.parametrize(("top_dir", "ext"), [("CIFAR-10-images", "png"), ("", "jpg"), ("imgs", "jpeg")])
+def test_image_folder_layout_sorted_by_class_then_name(tmp_path, top_dir, ext):
+    path = tmp_path / "images.tar.gz"
+    arrays = make_image_folder_archive(path, per_class_train=3, per_class_test=2, seed=2, top_dir=top_dir, ext=ext)
+    meta = download(path.as_uri(), None, tmp_path / "cifar10")  # a file:// URL
+    assert assert_output(tmp_path / "cifar10", arrays)["layout"] == "image_folder"
+    assert meta["counts"] == {"train": 30, "test": 20}
+    assert np.all(np.diff(arrays["train"][1]) >= 0)  # the helper's order is the documented one
+
+
+def test_a_relative_path_is_taken_from_the_project_root(tmp_path, pickle_archive):
+    path, arrays = pickle_archive
+    project = tmp_path / "project"
+    project.mkdir()
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "copy.tar.gz").write_bytes(path.read_bytes())
+    download("../datasets/copy.tar.gz", None, project / "data" / "cifar10", root=project)
+    assert_output(project / "data" / "cifar10", arrays)
+
+
+def test_missing_local_file_names_data_url(tmp_path):
+    with pytest.raises(PipelineError, match=r"data.url = 'nowhere.tar.gz': .*nowhere.tar.gz does not exist"):
+        download("nowhere.tar.gz", None, tmp_path / "cifar10", root=tmp_path)
+
+
+def test_local_md5_mismatch_gives_both_md5s_and_writes_nothing(tmp_path, pickle_archive):
+    path, _ = pickle_archive
+    with pytest.raises(PipelineError, match=f"expected {'0' * 32} \\(data.md5\\), got {md5_of(path)}"):
+        download(str(path), "0" * 32, tmp_path / "cifar10")
+    assert leftovers(tmp_path) == []
+
+
+def test_a_new_run_replaces_the_previous_output(tmp_path, pickle_archive):
+    path, arrays = pickle_archive
+    out = tmp_path / "cifar10"
+    make_image_folder_archive(tmp_path / "other.tar.gz", seed=5)
+    download(str(tmp_path / "other.tar.gz"), None, out)
+    download(str(path), None, out)
+    assert_output(out, arrays)
+    assert leftovers(tmp_path) == ["cifar10", "other.tar.gz"]
+
+
+# --- HTTP -----------------------------------------------------------------------------------------------------
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves `server.routes[path]`: a list of steps, the last one repeating. A step is an HTTP status to fail
+    with, the bytes to send, or ('drop', bytes): announce all of it, send half, close the connection."""
+
+    def do_GET(self):
+        self.server.hits[self.path] += 1
+        plan = self.server.routes.get(self.path, [404])
+        step = plan.pop(0) if len(plan) > 1 else plan[0]
+        if isinstance(step, int):
+            self.send_error(step)
+            return
+        drop = isinstance(step, tuple)
+        body = step[1] if drop else step
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2] if drop else body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def serve(http_server, pickle_archive):
+    """serve(*steps) -> URL of the archive on the test server, answering with those steps."""
+    http_server.routes, http_server.hits = {}, Counter()
+
+    def add(*steps):
+        http_server.routes["/cifar-10-python.tar.gz"] = list(steps)
+        return f"http://127.0.0.1:{http_server.server_port}/cifar-10-python.tar.gz"
+
+    add.hits = lambda: http_server.hits["/cifar-10-python.tar.gz"]
+    add.body = pickle_archive[0].read_bytes()
+    add.md5 = md5_of(pickle_archive[0])
+    add.arrays = pickle_archive[1]
+    return add
+
+
+def test_http_download_checks_the_md5_and_cleans_up(tmp_path, serve):
+    url = serve(serve.body)
+    meta = download(url, serve.md5, tmp_path / "cifar10", **FAST)
+    assert_output(tmp_path / "cifar10", serve.arrays)
+    assert meta["source"] == url and meta["md5"] == serve.md5 and serve.hits() == 1
+    assert leftovers(tmp_path) == ["cifar10"]
+
+
+def test_http_md5_mismatch_gives_both_md5s_and_keeps_no_part_file(tmp_path, serve):
+    url = serve(serve.body)
+    with pytest.raises(PipelineError, match=f"md5 mismatch for {url}: expected {'a' * 32} .*got {serve.md5}"):
+        download(url, "a" * 32, tmp_path / "cifar10", **FAST)
+    assert leftovers(tmp_path) == []
+
+
+def test_http_404_fails_at_once(tmp_path, serve):
+    url = serve(404)
+    with pytest.raises(PipelineError, match="HTTP 404 Not Found. Check data.url"):
+        download(url, None, tmp_path / "cifar10", **FAST)
+    assert serve.hits() == 1 and leftovers(tmp_path) == []
+
+
+def test_http_500_is_retried(tmp_path, serve):
+    download(serve(500, 503, serve.body), serve.md5, tmp_path / "cifar10", **FAST)
+    assert serve.hits() == 3
+    assert_output(tmp_path / "cifar10", serve.arrays)
+
+
+def test_http_500_every_time_gives_up_after_the_tries(tmp_path, serve):
+    with pytest.raises(PipelineError, match=r"HTTP 500 Internal Server Error \(3 tries\)"):
+        download(serve(500), None, tmp_path / "cifar10", **FAST)
+    assert serve.hits() == 3 and leftovers(tmp_path) == []
+
+
+def test_a_connection_dropped_mid_file_is_retried(tmp_path, serve):
+    download(serve(("drop", serve.body), serve.body), serve.md5, tmp_path / "cifar10", **FAST)
+    assert serve.hits() == 2
+    assert_output(tmp_path / "cifar10", serve.arrays)
+
+
+def test_a_connection_dropped_every_time_is_a_clear_error(tmp_path, serve):
+    with pytest.raises(PipelineError, match=r"connection lost: IncompleteRead.* \(2 tries\)"):
+        download(serve(("drop", serve.body)), None, tmp_path / "cifar10", tries=2, **FAST)
+    assert serve.hits() == 2 and leftovers(tmp_path) == []
+
+
+def test_a_partial_file_never_becomes_the_archive(tmp_path, serve):
+    """download_url renames .part into place only once complete and matching; a killed run's leftovers are ignored."""
+    dest = tmp_path / "archive.tar.gz"
+    with pytest.raises(PipelineError, match="connection lost"):
+        download_url(serve(("drop", serve.body)), None, dest, tries=1, **FAST)
+    assert leftovers(tmp_path) == []
+    with pytest.raises(PipelineError, match="md5 mismatch"):
+        download_url(serve(serve.body), "c" * 32, dest, tries=1, **FAST)
+    assert leftovers(tmp_path) == []
+    assert download_url(serve(serve.body), serve.md5, dest, **FAST) == serve.md5
+    assert leftovers(tmp_path) == ["archive.tar.gz"] and dest.read_bytes() == serve.body
+    dest.unlink()
+    scratch = tmp_path / ".cifar10.download"  # what a download killed part-way leaves
+    scratch.mkdir()
+    (scratch / "cifar-10-python.tar.gz.part").write_bytes(serve.body[:100])
+    (scratch / "cifar-10-python.tar.gz").write_bytes(b"stale")
+    download(serve(serve.body), None, tmp_path / "cifar10", **FAST)
+    assert_output(tmp_path / "cifar10", serve.arrays)
+    assert leftovers(tmp_path) == ["cifar10"]
+
+
+def test_an_unreachable_host_says_how_to_use_a_local_copy(tmp_path):
+    with socket.socket() as sock:  # a port nobody listens on: connection refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(PipelineError) as info:
+        download(f"http://127.0.0.1:{port}/cifar.tar.gz", None, tmp_path / "cifar10", tries=2, **FAST)
+    message = str(info.value)
+    assert f"cannot download http://127.0.0.1:{port}/cifar.tar.gz" in message and "refused" in message
+    assert "point data.url at a local copy" in message and "../shared/datasets/cifar10-jpeg.tar.gz" in message
+    assert "dvc exp run -S data.url=" in message
+    assert leftovers(tmp_path) == []
+
+
+# --- bad archives ---------------------------------------------------------------------------------------------
+
+
+def _image_folder(tmp_path, change=None, drop=None, **images) -> Path:
+    """A small valid image-folder archive, with members changed (name -> bytes) or dropped (name prefix)."""
+    files, _ = image_folder_files(per_class_train=1, per_class_test=1, top_dir="top")
+    files = {n: b for n, b in files.items() if not (drop and n.startswith(drop))}
+    files.update(change or {})
+    return write_tar(tmp_path / "bad.tar.gz", files)
+
+
+def _pickle_archive(tmp_path, **batches) -> Path:
+    make_pickle_archive(tmp_path / "good.tar.gz", n_train=20, n_test=10)
+    with tarfile.open(tmp_path / "good.tar.gz") as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    for name, data in batches.items():
+        if data is None:
+            del files[f"cifar-10-batches-py/{name}"]
+        else:
+            files[f"cifar-10-batches-py/{name}"] = data
+    return write_tar(tmp_path / "bad.tar.gz", files)
+
+
+def _truncated(tmp_path):
+    make_pickle_archive(tmp_path / "good.tar.gz", n_train=20, n_test=10)
+    data = (tmp_path / "good.tar.gz").read_bytes()
+    (tmp_path / "bad.tar.gz").write_bytes(data[: len(data) // 2])
+    return tmp_path / "bad.tar.gz"
+
+
+def _raw(tmp_path, data: bytes) -> Path:
+    (tmp_path / "bad.tar.gz").write_bytes(data)
+    return tmp_path / "bad.tar.gz"
+
+
+def _plain_tar(tmp_path):
+    with tarfile.open(tmp_path / "bad.tar.gz", "w") as tar:  # not gzipped
+        add_file(tar, "cifar-10-batches-py/test_batch", b"x")
+    return tmp_path / "bad.tar.gz"
+
+
+GRAY = encode_image(np.zeros((32, 32), np.uint8))
+RGBA = encode_image(np.zeros((32, 32, 4), np.uint8))
+SMALL = encode_image(np.zeros((28, 28, 3), np.uint8))
+
+BAD_ARCHIVES = {
+    "truncated": (_truncated, "not a readable .tar.gz archive"),
+    "html page": (lambda t: _raw(t, b"<html>Not here</html>"), "not a readable .tar.gz archive"),
+    "plain tar": (_plain_tar, "not a readable .tar.gz archive"),
+    "neither layout": (
+        lambda t: write_tar(t / "bad.tar.gz", {"readme.txt": b"hi", "pics/cat.png": GRAY}),
+        r"not a CIFAR-10 archive: expected .* \(found: pics/cat.png\)",
+    ),
+    "both layouts": (
+        lambda t: _image_folder(t, change={"top/cifar-10-batches-py/test_batch": b"x"}),
+        "both CIFAR-10 pickle batches and train/test image folders",
+    ),
+    "missing split": (lambda t: _image_folder(t, drop="top/test/"), "no test/<class>/ images"),
+    "missing class": (lambda t: _image_folder(t, drop="top/train/truck/"), "train/ has no images of class truck"),
+    "unknown class": (
+        lambda t: _image_folder(t, change={"top/train/kitten/0000.png": SMALL}),
+        "unknown class folders in the archive: train/kitten; expected airplane,",
+    ),
+    "two top folders": (
+        lambda t: _image_folder(t, change={"other/train/cat/0000.png": SMALL}),
+        "several top-level folders of the archive: other, top",
+    ),
+    "grayscale": (
+        lambda t: _image_folder(t, change={"top/train/cat/0000.png": GRAY}),
+        "top/train/cat/0000.png: expected a 32x32 RGB image, got 32x32 L",
+    ),
+    "rgba": (
+        lambda t: _image_folder(t, change={"top/test/dog/0000.png": RGBA}),
+        "top/test/dog/0000.png: expected a 32x32 RGB image, got 32x32 RGBA",
+    ),
+    "wrong size": (
+        lambda t: _image_folder(t, change={"top/train/cat/0000.png": SMALL}),
+        "expected a 32x32 RGB image, got 28x28 RGB",
+    ),
+    "corrupt image": (
+        lambda t: _image_folder(t, change={"top/train/cat/0000.png": b"\x89PNG garbage"}),
+        "top/train/cat/0000.png: cannot decode the image",
+    ),
+    "missing batch": (lambda t: _pickle_archive(t, data_batch_3=None), "lacks data_batch_3: incomplete"),
+    "batch of the wrong shape": (
+        lambda t: _pickle_archive(t, test_batch=py2_pickle({b"data": np.zeros((2, 100), np.uint8), b"labels": [1, 2]})),
+        r"test_batch: 'data' is not a uint8 array of shape \(N, 3072\)",
+    ),
+    "labels out of range": (
+        lambda t: _pickle_archive(t, test_batch=pickle_batch(np.zeros((2, 32, 32, 3), np.uint8), [3, 10])),
+        "test labels outside 0..9",
+    ),
+    "not a pickle": (lambda t: _pickle_archive(t, data_batch_2=b"hello"), "data_batch_2: not a valid CIFAR-10 batch"),
+    "other label names": (
+        lambda t: _pickle_archive(t, **{"batches.meta": py2_pickle({b"label_names": [b"apple", b"pear"]})}),
+        "label_names .* are not the CIFAR-10 classes",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ARCHIVES)
+def test_a_bad_archive_is_a_clear_error_and_writes_nothing(tmp_path, case):
+    build, message = BAD_ARCHIVES[case]
+    archive = build(tmp_path)
+    with pytest.raises(PipelineError, match=message):
+        download(str(archive), None, tmp_path / "out" / "cifar10")
+    assert not (tmp_path / "out").exists() or leftovers(tmp_path / "out") == []
+
+
+# --- hostile archives -----------------------------------------------------------------------------------------
+
+
+class _RunsCode:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path):
+    sentinel = tmp_path / "pwned"
+    payload = pickle.dumps({b"data": _RunsCode(f"touch {shlex.quote(str(sentinel))}")}, protocol=4)
+    archive = _pickle_archive(tmp_path, data_batch_1=payload)
+    with pytest.raises(PipelineError, match=r"data_batch_1: not a valid CIFAR-10 batch.*refusing to load posix.system"):
+        download(str(archive), None, tmp_path / "cifar10")
+    assert not sentinel.exists()
+    with pytest.raises(PipelineError, match="refusing to load builtins.eval"):
+        load_pickle(b"\x80\x02cbuiltins\neval\nX\x04\x00\x00\x001+1\x85R.")
+    # The payload is live: a plain unpickler does run it.
+    pickle.loads(payload)
+    assert sentinel.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "info", "message"),
+    [
+        ("/tmp/evil.png", {}, "has an absolute path"),
+        ("../evil.png", {}, "contains '..'"),
+        ("top/train/cat/../../../evil.png", {}, "contains '..'"),
+        ("top/train/cat/link.png", {"type": tarfile.SYMTYPE, "linkname": "../../../../etc/passwd"}, "outside"),
+        ("top/notes", {"type": tarfile.SYMTYPE, "linkname": "/etc/passwd"}, "outside"),
+        ("top/hard", {"type": tarfile.LNKTYPE, "linkname": "../outside"}, "outside"),
+        ("top/train/cat/copy.png", {"type": tarfile.SYMTYPE, "linkname": "0000.png"}, "is a link"),
+    ],
+)
+def test_unsafe_members_are_refused(tmp_path, name, info, message):
+    files, _ = image_folder_files(per_class_train=1, per_class_test=1, top_dir="top")
+    with tarfile.open(tmp_path / "bad.tar.gz", "w:gz") as tar:
+        for member, data in files.items():
+            add_file(tar, member, data)
+        add_file(tar, name, b"" if info else GRAY, **info)
+    with tarfile.open(tmp_path / "bad.tar.gz") as tar:
+        assert name in tar.getnames()  # the hostile name really is in the archive as written
+    with pytest.raises(PipelineError, match=message):
+        download(str(tmp_path / "bad.tar.gz"), None, tmp_path / "out" / "cifar10")
+    assert leftovers(tmp_path) == ["bad.tar.gz"]
+
+
+# --- the stage script -----------------------------------------------------------------------------------------
+
+
+def run_stage(script: str, project: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "DVC_NO_ANALYTICS": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "stages" / script)], cwd=project, env=env, capture_output=True, text=True
+    )
+
+
+def test_download_stage_script_end_to_end(tmp_path, pickle_archive):
+    path, arrays = pickle_archive
+    (tmp_path / "params.yaml").write_text(f"data:\n  url: {path}\n  md5: {md5_of(path)}\n")
+    result = run_stage("download.py", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "data/cifar10: 50 train, 20 test images (pickle layout" in result.stdout
+    assert_output(tmp_path / "data" / "cifar10", arrays)
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "params.yaml").write_text(f"data:\n  url: {path}\n  md5: {'b' * 32}\n")
+    result = run_stage("download.py", bad)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: md5 mismatch") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+    assert leftovers(bad) == ["params.yaml"]
+
+
+# --- the shared real copy -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared_copy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shared") / "cifar10"
+    return out, download(str(SHARED_CIFAR), SHARED_MD5, out)
+
+
+@pytest.mark.shared_data
+def test_shared_copy_has_every_image(shared_copy):
+    out, meta = shared_copy
+    assert meta["layout"] == "image_folder" and meta["md5"] == SHARED_MD5
+    assert meta["counts"] == {"train": 50_000, "test": 10_000}
+    assert meta["class_counts"]["train"] == dict.fromkeys(CLASSES, 5000)
+    assert meta["class_counts"]["test"] == dict.fromkeys(CLASSES, 1000)
+    images, labels = dataset.load_split(out, "test")
+    assert images.shape == (10_000, 32, 32, 3) and np.array_equal(np.bincount(labels), [1000] * 10)
+
+
+@pytest.mark.shared_data
+def test_shared_copy_mean_and_std(shared_copy, tmp_path):
+    out, _ = shared_copy
+    stats = compute_stats(out, DataParams(), seed=42, path=tmp_path / "stats.json")
+    assert stats["count"] == 50_000
+    np.testing.assert_allclose(stats["mean"], (0.49125, 0.48209, 0.44652), atol=5e-4)
+    np.testing.assert_allclose(stats["std"], (0.24523, 0.24278, 0.26063), atol=5e-4)

@@ -1,12 +1,12 @@
-"""report stage."""
+"""report stage: evaluate models/model.pt on the test split; write reports/summary.md and the pictures it shows."""
 
-from cifar_pipeline.errors import PipelineError, run_stage
+from cifar_pipeline.errors import run_stage
 from cifar_pipeline.params import load_params
+from cifar_pipeline.report import run_report
 
 
 def main() -> None:
-    load_params()
-    raise PipelineError("the report stage is not built yet (issue 7)")
+    run_report(load_params())
 
 
 if __name__ == "__main__":

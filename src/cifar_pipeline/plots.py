@@ -1,0 +1,105 @@
+"""Figures for the reports. Matplotlib runs on the Agg backend: files only, no window, no display needed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+
+from cifar_pipeline.atomic import save_figure
+
+matplotlib.use("Agg")  # before pyplot is imported, or pyplot picks an interactive backend where a display exists
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Normalised float (N, 3, H, W) images back to uint8 (N, H, W, 3) for display."""
+    x = images.detach().to("cpu", torch.float32).numpy()
+    x = x * np.asarray(std, np.float32)[:, None, None] + np.asarray(mean, np.float32)[:, None, None]
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def image_grid(images: np.ndarray, titles: Sequence[str], ncols: int = 8, title: str | None = None) -> Figure:
+    """uint8 (N, H, W, 3) images in a grid, each above its title, without axes."""
+    if len(titles) != len(images):
+        raise ValueError(f"{len(images)} images but {len(titles)} titles")
+    ncols = max(1, min(ncols, len(images)))
+    nrows = max(1, math.ceil(len(images) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.6 * ncols, 1.8 * nrows + (0.4 if title else 0)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, label in zip(axes.flat, images, titles, strict=False):  # the last row may have spare axes
+        # nearest: 32x32 pixels blown up stay sharp squares instead of a blur
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(label, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
+def save_train_samples(
+    dataset, classes: Sequence[str], mean: Sequence[float], std: Sequence[float], path: str | Path, n: int = 32
+) -> None:
+    """A grid of `n` augmented training images (epoch 0's augmentations) with their class names."""
+    n = min(n, len(dataset))
+    # Spread over the whole split, so a class-sorted array still shows every class.
+    indices = np.linspace(0, len(dataset) - 1, n).round().astype(int)
+    samples = [dataset[(int(i), 0)] for i in indices]
+    images = denormalize(torch.stack([image for image, _ in samples]), mean, std)
+    titles = [classes[int(label)] for _, label in samples]
+    fig = image_grid(images, titles, title="Augmented training images (as the model sees them, un-normalised)")
+    save_figure(path, fig, dpi=100)
+
+
+def metrics_curves(
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], schedule: tuple[np.ndarray, np.ndarray], max_lr: float
+) -> Figure:
+    """Loss and accuracy per epoch for each split, and the learning rate per optimizer step, side by side.
+
+    `curves` is {"loss" | "acc": {split: (epochs, values)}}; `schedule` is (position in epochs, lr) per step.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), layout="constrained")
+    styles = {"train": "-o", "val": "-^", "test": "-s"}
+    for ax, name, title, ylabel in (
+        (axes[0], "loss", "Loss", "cross-entropy loss"),
+        (axes[1], "acc", "Accuracy", "accuracy (%)"),
+    ):
+        for split, (epochs, values) in curves[name].items():
+            ax.plot(epochs, values, styles.get(split, "-"), markersize=3, label=split)
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    positions, lrs = schedule
+    axes[2].plot(positions, lrs, color="tab:purple", label="learning rate")
+    axes[2].axhline(max_lr, color="gray", linestyle=":", label=f"max LR {max_lr:.3g}")
+    axes[2].set(title="Learning rate (One Cycle, per step)", xlabel="epoch", ylabel="learning rate")
+    axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    axes[2].grid(alpha=0.3)
+    axes[2].legend()
+    return fig
+
+
+def misclassified_grid(images: np.ndarray, titles: Sequence[str], mistakes: int, total: int) -> Figure:
+    """The chosen mistakes (uint8 NHWC, most confident first), each titled with its true and predicted class."""
+    if not len(images):
+        title = f"No mistakes on the {total:,} test images"
+    else:
+        which = f"All {mistakes:,}" if len(images) == mistakes else f"The {len(images)} most confident of {mistakes:,}"
+        title = f"{which} mistakes on {total:,} test images\ntrue class / predicted class (softmax probability)"
+    ncols = min(5, max(1, len(images)))
+    fig = image_grid(images, titles, ncols=ncols, title=title)
+    # Two-line titles with long class names need more room per image than the grid's default size leaves.
+    nrows = max(1, math.ceil(len(images) / ncols))
+    fig.set_size_inches(max(2.0 * ncols, 6.0), fig.get_figheight() + 0.3 * nrows + 0.3)  # 6: room for the title
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,302 @@
+"""The report stage: evaluate models/model.pt on the test split and write what a person reads after a run.
+
+Outputs (all under reports/): predictions.csv (one row per test image, DVC's confusion plot), per_class.json
+(DVC metrics), misclassified.png, metrics_curves.png, model_summary.txt and summary.md, which ties them together
+with the run's numbers and each stage's wall time.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cifar_pipeline.atomic import save_figure, write_json, write_text
+from cifar_pipeline.checkpoint import load_checkpoint, model_from_checkpoint
+from cifar_pipeline.dataset import load_splits
+from cifar_pipeline.engine import pick_device
+from cifar_pipeline.errors import PipelineError, require_inputs
+from cifar_pipeline.params import Params
+from cifar_pipeline.plots import metrics_curves, misclassified_grid
+from cifar_pipeline.summary import model_summary_text
+
+DATA_DIR = Path("data/cifar10")
+MODEL = Path("models/model.pt")
+TRAIN_LOG = Path("reports/train")  # the train stage's DVCLive folder
+LR_FIND = Path("reports/lr_find.json")
+OUT = Path("reports")
+
+# Every input and the stage that makes it: a fresh clone gets "run the 'train' stage first", not a traceback.
+INPUTS = {
+    str(DATA_DIR / "meta.json"): "download",
+    str(MODEL): "train",
+    str(TRAIN_LOG / "metrics.json"): "train",
+    str(TRAIN_LOG / "plots/metrics/train/loss.tsv"): "train",
+    str(TRAIN_LOG / "plots/metrics/test/loss.tsv"): "train",
+    str(TRAIN_LOG / "plots/metrics/train/acc.tsv"): "train",
+    str(TRAIN_LOG / "plots/metrics/test/acc.tsv"): "train",
+    str(TRAIN_LOG / "plots/custom/lr_schedule.json"): "train",
+}
+
+# Stage name -> the file whose `wall_time_s` says how long that stage took.
+STAGE_TIMES = {
+    "download": DATA_DIR / "meta.json",
+    "compute-mean-std": Path("data/stats.json"),
+    "lr-find": LR_FIND,
+    "train": TRAIN_LOG / "metrics.json",
+}
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    images: np.ndarray,
+    mean: list[float],
+    std: list[float],
+    device: torch.device,
+    batch_size: int = 500,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted class (int64) and its softmax probability (float32) for each uint8 NHWC image.
+
+    Normalises as the test transforms do, (x / 255 - mean) / std, but a whole batch at a time on the device.
+    """
+    model = model.to(device).eval()
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    preds, confidences = [], []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(images[start : start + batch_size]).to(device).permute(0, 3, 1, 2).float()
+        logits = model((batch / 255.0 - mean_t) / std_t)
+        confidence, pred = logits.float().softmax(dim=1).max(dim=1)
+        preds.append(pred.cpu().numpy())
+        confidences.append(confidence.cpu().numpy())
+    if not preds:
+        raise PipelineError("the test split is empty: nothing to evaluate")
+    return np.concatenate(preds).astype(np.int64), np.concatenate(confidences).astype(np.float32)
+
+
+def pick_misclassified(labels: np.ndarray, preds: np.ndarray, confidences: np.ndarray, count: int) -> np.ndarray:
+    """Test indices of the `count` most confident mistakes, most confident first; ties keep test order."""
+    wrong = np.flatnonzero(preds != labels)
+    order = np.argsort(-confidences[wrong], kind="stable")
+    return wrong[order[:count]]
+
+
+def per_class_accuracy(labels: np.ndarray, preds: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Overall and per-class test accuracy in percent, shaped for `dvc metrics show`."""
+    correct = preds == labels
+    per_class = {}
+    for index, name in enumerate(classes):
+        mask = labels == index
+        per_class[name] = round(100.0 * correct[mask].mean(), 2) if mask.any() else None
+    return {
+        "test_acc": round(100.0 * correct.mean(), 2),
+        "correct": int(correct.sum()),
+        "total": len(labels),
+        "per_class_acc": per_class,
+    }
+
+
+def predictions_csv(labels: np.ndarray, preds: np.ndarray, confidences: np.ndarray, classes: list[str]) -> str:
+    """index,true,predicted,confidence: one row per test image; index is its position in the test split."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["index", "true", "predicted", "confidence"])
+    for index, (label, pred, confidence) in enumerate(zip(labels, preds, confidences, strict=True)):
+        writer.writerow([index, classes[label], classes[pred], f"{confidence:.4f}"])
+    return buffer.getvalue()
+
+
+def read_tsv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) from a DVCLive metric file: tab-separated, header `[timestamp] step <name>`."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    if len(rows) < 2 or "step" not in rows[0]:
+        raise PipelineError(f"{path}: expected a DVCLive metric file (a 'step' column and at least one row)")
+    step_col, value_col = rows[0].index("step"), len(rows[0]) - 1
+    steps = np.array([float(row[step_col]) for row in rows[1:]])
+    values = np.array([float(row[value_col]) for row in rows[1:]])
+    return steps, values
+
+
+def read_json(path: str | Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path} is not valid JSON ({exc}): rerun the stage that writes it") from None
+
+
+def metric(metrics: dict, name: str) -> Any:
+    """A value from a DVCLive metrics.json by its logged name: 'train/acc' is stored nested, train -> acc."""
+    if name in metrics:
+        return metrics[name]
+    value: Any = metrics
+    for key in name.split("/"):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def training_curves(log_dir: Path = TRAIN_LOG) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """{'loss' | 'acc': {split: (epochs, values)}} for each split the train stage logged."""
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {"loss": {}, "acc": {}}
+    for name, per_split in curves.items():
+        for split in ("train", "val", "test"):
+            path = log_dir / "plots/metrics" / split / f"{name}.tsv"
+            if path.is_file():
+                per_split[split] = read_tsv(path)
+    return curves
+
+
+def lr_schedule(log_dir: Path, epochs: int) -> tuple[np.ndarray, np.ndarray]:
+    """(position in epochs, lr) for every optimizer step of the One Cycle schedule."""
+    records = read_json(log_dir / "plots/custom/lr_schedule.json")
+    if not isinstance(records, list) or not records or not all("lr" in r and "step" in r for r in records):
+        raise PipelineError(f"{log_dir}/plots/custom/lr_schedule.json: expected a list of {{step, lr}} records")
+    steps = np.array([float(r["step"]) for r in records])
+    lrs = np.array([float(r["lr"]) for r in records])
+    steps_per_epoch = len(records) / epochs
+    return (steps - steps.min()) / steps_per_epoch, lrs
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    minutes, seconds = divmod(float(value), 60)
+    return f"{int(minutes)} min {seconds:.0f} s" if minutes else f"{seconds:.1f} s"
+
+
+def stage_wall_times(report_seconds: float) -> dict[str, float | None]:
+    times: dict[str, float | None] = {}
+    for stage, path in STAGE_TIMES.items():
+        value = read_json(path).get("wall_time_s") if path.is_file() else None
+        times[stage] = float(value) if value is not None else None
+    times["report"] = report_seconds
+    return times
+
+
+def summary_markdown(
+    ckpt: dict,
+    accuracy: dict,
+    train_metrics: dict,
+    lr_find: dict | None,
+    num_params: int,
+    wall_times: dict[str, float | None],
+    eval_device: str,
+) -> str:
+    """reports/summary.md: the run's numbers in words, readable on its own, with the pictures beside it."""
+    epochs = ckpt["epoch"]
+    if (best := metric(train_metrics, "best/val_acc")) is not None:
+        best_name = "Best validation accuracy (picks models/best.pt)"
+    else:
+        best, best_name = metric(train_metrics, "best/test_acc"), "Best test accuracy (over all epochs)"
+    best_epoch = metric(train_metrics, "best/epoch")
+    train_acc = metric(train_metrics, "train/acc")
+    if ckpt["max_lr_source"] == "lr-find":
+        rule = f", rule `{lr_find['rule']}`" if lr_find and "rule" in lr_find else ""
+        lr_source = f"suggested by the LR range test{rule} (lr_find.png)"
+    else:
+        lr_source = "set in params.yaml (train.max_lr)"
+
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{float(value):.2f}%"
+
+    known = [t for t in wall_times.values() if t is not None]
+    total = "total" if len(known) == len(wall_times) else "total of the stages with a time"
+    rows = [
+        f"| Final test accuracy (epoch {epochs}, models/model.pt) | **{pct(accuracy['test_acc'])}** "
+        f"({accuracy['correct']:,} of {accuracy['total']:,}) |",
+        f"| {best_name} | {pct(best)}" + (f" (epoch {best_epoch})" if best_epoch is not None else "") + " |",
+        f"| Train accuracy (epoch {epochs}, on augmented batches) | {pct(train_acc)} |",
+        f"| Epochs | {epochs} |",
+        f"| Max learning rate | {ckpt['max_lr']:.4g}, {lr_source} |",
+        f"| Model | {ckpt['model_name']}, {num_params:,} parameters (model_summary.txt) |",
+        f"| Batch size | {ckpt.get('batch_size', 'n/a')} |",
+        f"| Trained on | {ckpt.get('device', 'n/a')} (this report evaluated on {eval_device}) |",
+    ]
+    per_class = "\n".join(f"| {name} | {pct(acc)} |" for name, acc in accuracy["per_class_acc"].items())
+    times = "\n".join(f"| {stage} | {_seconds(t)} |" for stage, t in wall_times.items())
+    return f"""# CIFAR-10 run report
+
+| | |
+|---|---|
+{chr(10).join(rows)}
+
+## Training curves
+
+Loss and accuracy per epoch, and the One Cycle learning rate per optimizer step:
+
+![metrics curves](metrics_curves.png)
+
+## Where the model goes wrong
+
+{accuracy["total"] - accuracy["correct"]:,} of {accuracy["total"]:,} test images are misclassified.
+The most confident mistakes:
+
+![misclassified test images](misclassified.png)
+
+| class | test accuracy |
+|---|---|
+{per_class}
+
+Per-image predictions: predictions.csv (`dvc plots show` draws them as a confusion matrix).
+
+## How the run got there
+
+The LR range test ([lr_find.png](lr_find.png)) and a sample of augmented training images
+([train_samples.png](train_samples.png)). Layers, shapes and receptive fields:
+[model_summary.txt](model_summary.txt).
+
+| stage | wall time |
+|---|---|
+{times}
+| {total} | {_seconds(sum(known))} |
+"""
+
+
+def run_report(params: Params) -> None:
+    """Everything the report stage does, from the files the earlier stages wrote."""
+    started = time.perf_counter()
+    require_inputs(INPUTS)
+    ckpt = load_checkpoint(MODEL)
+    splits = load_splits(DATA_DIR, params.data, params.seed)
+    classes = list(ckpt["classes"])
+    if list(splits.classes) != classes:
+        raise PipelineError(
+            f"{MODEL} was trained on classes {classes} but {DATA_DIR} has {list(splits.classes)}: rerun the train stage"
+        )
+    model = model_from_checkpoint(ckpt)
+    device = pick_device(params.train.device)
+    images, labels = splits.test_images, np.asarray(splits.test_labels, dtype=np.int64)
+    preds, confidences = predict(model, images, ckpt["mean"], ckpt["std"], device)
+
+    accuracy = per_class_accuracy(labels, preds, classes)
+    write_text(OUT / "predictions.csv", predictions_csv(labels, preds, confidences, classes))
+    write_json(OUT / "per_class.json", accuracy)
+
+    picked = pick_misclassified(labels, preds, confidences, params.report.misclassified)
+    titles = [f"true: {classes[labels[i]]}\npred: {classes[preds[i]]} ({100 * confidences[i]:.0f}%)" for i in picked]
+    wrong = int((preds != labels).sum())
+    save_figure(OUT / "misclassified.png", misclassified_grid(images[picked], titles, wrong, len(labels)), dpi=100)
+
+    train_metrics = read_json(TRAIN_LOG / "metrics.json")
+    schedule = lr_schedule(TRAIN_LOG, ckpt["epoch"])
+    figure = metrics_curves(training_curves(TRAIN_LOG), schedule, ckpt["max_lr"])
+    save_figure(OUT / "metrics_curves.png", figure, dpi=120)
+
+    model = model.cpu()
+    write_text(OUT / "model_summary.txt", model_summary_text(model))
+    num_params = sum(p.numel() for p in model.parameters())
+    lr_find = read_json(LR_FIND) if LR_FIND.is_file() else None
+    wall_times = stage_wall_times(time.perf_counter() - started)
+    text = summary_markdown(ckpt, accuracy, train_metrics, lr_find, num_params, wall_times, str(device))
+    write_text(OUT / "summary.md", text)
+    print(f"test accuracy {accuracy['test_acc']:.2f}% ({wrong} mistakes); wrote {OUT}/summary.md")

@@ -1,0 +1,230 @@
+"""The LR range test (Smith 2015, as popularised by fastai): train with an exponentially rising learning rate,
+record the smoothed loss, and suggest a max LR for One Cycle.
+
+A small loop of our own rather than torch-lr-finder, the usual library: it sees little maintenance (0.2.2 is its
+only release since 0.2.1 of 2020) and subclasses torch's private `_LRScheduler`, which torch 2.14 still has but
+need not keep. Nor does it do what this stage needs: its smoothing has no bias correction (the first ~1/smooth
+points lag the real loss), it offers only the steepest-gradient rule, and it would not run our exact train step
+(autocast dtype, channels_last, GradScaler). The loop below is that train step plus a few lines.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cifar_pipeline.atomic import save_figure, write_json
+from cifar_pipeline.data import set_epoch
+from cifar_pipeline.engine import Runtime, loader_batches, make_optimizer, make_scaler, train_step
+from cifar_pipeline.errors import PipelineError
+
+# The bias-corrected average still follows single batches over its first points (about 1/smooth of them): their
+# slope is noise, so the steepest rule skips them, and a suggestion there means the range starts too late.
+SKIP_START = 0.10
+# The last points run into the divergence (or the end of the range): skipped alike.
+SKIP_END = 0.05
+# A curve whose smoothed loss never falls this far below its starting value "never descends".
+MIN_DROP = 0.05
+
+
+def _cycle(loader: DataLoader) -> Iterator:
+    """Batches of `loader` forever, a fresh shuffle and augmentation each pass (the range may outlast one epoch)."""
+    epoch = 0
+    while True:
+        set_epoch(loader, epoch)
+        yield from loader_batches(loader)
+        epoch += 1
+
+
+def range_test(
+    model: nn.Module,
+    loader: DataLoader,
+    runtime: Runtime,
+    *,
+    start_lr: float,
+    end_lr: float,
+    num_iter: int,
+    smooth: float,
+    diverge_threshold: float,
+    weight_decay: float,
+) -> dict[str, Any]:
+    """Run the test on `model` (which it trains: pass a fresh one). Returns lr, loss (smoothed), raw_loss, diverged.
+
+    The LR of step i is start_lr * (end_lr / start_lr) ** (i / (num_iter - 1)). The loss is an exponential moving
+    average with weight `smooth` on the newest batch, bias-corrected like Adam's moments so it starts at the first
+    batch's loss instead of at 0. The test stops early once that average exceeds `diverge_threshold` times its
+    lowest value, or a loss is nan/inf.
+    """
+    model.train()
+    optimizer = make_optimizer(model, start_lr, weight_decay, runtime)
+    scaler = make_scaler(runtime)
+    loss_fn = nn.CrossEntropyLoss()
+    lrs: list[float] = []
+    losses: list[float] = []
+    raw_losses: list[float] = []
+    average, best, diverged = 0.0, math.inf, False
+    batches = _cycle(loader)
+    for i in range(num_iter):
+        images, labels = runtime.to_device(*next(batches))
+        lr = start_lr * (end_lr / start_lr) ** (i / (num_iter - 1))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, _ = train_step(model, images, labels, optimizer, loss_fn, scaler, runtime)
+        raw = loss.item()  # one sync per step: the early stop needs the value now
+        if not math.isfinite(raw):
+            diverged = True
+            break
+        average = (1 - smooth) * average + smooth * raw
+        smoothed = average / (1 - (1 - smooth) ** (i + 1))
+        lrs.append(lr)
+        losses.append(smoothed)
+        raw_losses.append(raw)
+        best = min(best, smoothed)
+        if smoothed > diverge_threshold * best:
+            diverged = True
+            break
+    return {"lr": lrs, "loss": losses, "raw_loss": raw_losses, "diverged": diverged}
+
+
+def _longest_descent(losses: list[float]) -> tuple[int, int]:
+    """(length, last index) of the longest strictly decreasing subsequence of `losses` (O(n^2); n is small)."""
+    length = [1] * len(losses)  # of the longest decreasing subsequence ending at i
+    for i in range(1, len(losses)):
+        for j in range(i):
+            if losses[j] > losses[i] and length[j] + 1 > length[i]:
+                length[i] = length[j] + 1
+    last = max(range(len(losses)), key=length.__getitem__)  # the first of equals
+    return length[last], last
+
+
+def suggest_index(lrs: list[float], losses: list[float], rule: str, lo: int = 0, hi: int | None = None) -> int:
+    """Index of the suggested max LR by `rule`.
+
+    steepest: the most negative slope of the smoothed loss against log10(lr), among points lo..hi-1.
+    valley (fastai's rule): about halfway along the longest stretch over which the loss keeps falling.
+    """
+    loss = np.asarray(losses)
+    if rule == "steepest":
+        slope = np.gradient(loss, np.log10(np.asarray(lrs)))
+        return lo + int(np.argmin(slope[lo:hi]))
+    if rule == "valley":
+        # As fastai: the valley starts as many points before its end as the subsequence is long, so noise picked
+        # up in the flat start of the curve does not drag the valley's start back to the first LRs.
+        length, last = _longest_descent(losses)
+        first = max(0, last - length)
+        third = (last - first) / 3
+        return first + int(third) + int(third / 2)
+    raise PipelineError(f"lr_find.rule must be steepest or valley, got {rule!r}")
+
+
+def suggest_lr(result: dict[str, Any], rule: str, start_lr: float, end_lr: float, num_iter: int) -> float:
+    """The suggested max LR, or a PipelineError saying which end of the range to widen."""
+    lrs, losses, diverged = result["lr"], result["loss"], result["diverged"]
+    see = "see reports/lr_find.png"
+    # The points a suggestion may come from, counted on the planned range so a diverged run keeps the same margins.
+    lo, hi = math.ceil(SKIP_START * num_iter), len(lrs) - math.ceil(SKIP_END * num_iter)
+    if hi - lo < 5:
+        where = f" at lr {lrs[-1]:.3g}" if lrs else ""
+        raise PipelineError(
+            f"the LR range test diverged after {len(lrs)} of {num_iter} iterations{where}, before the loss could fall: "
+            f"set a lower lr_find.start_lr (now {start_lr:g}) in params.yaml ({see})"
+        )
+    start = float(np.mean(losses[: max(1, lo)]))
+    if min(losses) > (1 - MIN_DROP) * start:
+        if diverged:
+            fix = f"set a lower lr_find.start_lr (now {start_lr:g}) in params.yaml"
+        else:
+            fix = f"set a higher lr_find.end_lr (now {end_lr:g}) in params.yaml, or check that the labels are learnable"
+        raise PipelineError(
+            f"the smoothed loss never fell by {MIN_DROP:.0%} between lr {lrs[0]:.3g} and {lrs[-1]:.3g}"
+            f"{' before it diverged' if diverged else ''}: {fix} ({see})"
+        )
+    lowest = int(np.argmin(losses))
+    if lowest <= lo:
+        raise PipelineError(
+            f"the loss was lowest at the low end of the LR range test (lr {lrs[lowest]:.3g}) and rose after: "
+            f"set a lower lr_find.start_lr (now {start_lr:g}) in params.yaml ({see})"
+        )
+    if lowest >= hi - 1 and not diverged:
+        raise PipelineError(
+            f"the loss was still falling at the end of the LR range test (lowest at lr {lrs[lowest]:.3g}): "
+            f"set a higher lr_find.end_lr (now {end_lr:g}) in params.yaml ({see})"
+        )
+    # Only the descent counts: past the lowest loss, a dip in the noisy climb is no place to train at.
+    index = suggest_index(lrs, losses, rule, lo, min(hi, lowest + 1))
+    if index <= lo:
+        raise PipelineError(
+            f"the {rule} point of the LR range test is at the low end of the range (lr {lrs[index]:.3g}): the loss "
+            f"was already falling fast at the first LRs. Set a lower lr_find.start_lr (now {start_lr:g}) in "
+            f"params.yaml ({see})"
+        )
+    if index >= hi - 1 and not diverged:
+        raise PipelineError(
+            f"the {rule} point of the LR range test is at the high end of the range (lr {lrs[index]:.3g}): the loss "
+            f"was still falling at the last LRs. Set a higher lr_find.end_lr (now {end_lr:g}) in params.yaml ({see})"
+        )
+    return float(lrs[index])
+
+
+def save_results(
+    path: str | Path, result: dict[str, Any], suggested: float | None, rule: str, num_iter: int, wall_time_s: float
+) -> None:
+    """reports/lr_find.json: the curve as a list of records under "curve" (the shape `dvc plots` draws), and the
+    suggestion beside it."""
+    curve = [
+        {"lr": lr, "loss": loss, "raw_loss": raw}
+        for lr, loss, raw in zip(result["lr"], result["loss"], result["raw_loss"], strict=True)
+    ]
+    write_json(
+        path,
+        {
+            "suggested_lr": suggested,
+            "rule": rule,
+            "num_iter": num_iter,
+            "num_iter_run": len(curve),
+            "diverged": result["diverged"],
+            "wall_time_s": round(wall_time_s, 3),
+            "curve": curve,
+        },
+    )
+
+
+def save_plot(path: str | Path, result: dict[str, Any], suggested: float | None, rule: str) -> None:
+    """Loss against LR on a log axis, the suggestion marked by a vertical line and its value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    ax.plot(result["lr"], result["raw_loss"], color="tab:blue", alpha=0.25, linewidth=0.8, label="loss per batch")
+    ax.plot(result["lr"], result["loss"], color="tab:blue", linewidth=2, label="smoothed loss")
+    if suggested is not None:
+        ax.axvline(suggested, color="tab:red", linestyle="--", label=f"suggested max LR {suggested:.3g} ({rule})")
+        ax.annotate(
+            f"{suggested:.3g}",
+            xy=(suggested, 0.97),
+            xycoords=("data", "axes fraction"),
+            xytext=(4, 0),
+            textcoords="offset points",
+            color="tab:red",
+            va="top",
+        )
+    if result["loss"]:
+        # Keep the divergence from squashing the interesting part of the curve.
+        low, start = min(result["loss"]), max(result["loss"][: max(1, len(result["loss"]) // 10)])
+        ax.set_ylim(low - 0.1 * (start - low + 1e-3), max(start, low) + 0.5 * (start - low + 1e-3))
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate (log scale)", ylabel="training loss (cross-entropy)")
+    title = "LR range test" + (" (stopped early: the loss diverged)" if result["diverged"] else "")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.1, which="minor")
+    ax.legend(loc="lower left")
+    save_figure(path, fig, dpi=120)

@@ -1,0 +1,165 @@
+"""The LR range test: the loop, the suggestion rules and their refusals, the outputs, and the lr-find stage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from test_train_stage import PARAMS, make_project, run_stage, set_params
+from test_training import CPU, loader, tiny_model
+
+from cifar_pipeline import lr_finder
+from cifar_pipeline.errors import PipelineError
+
+START, END, N = 1e-7, 10.0, 200
+
+
+def curve(center: float, noise: float = 0.0, blowup: float | None = None, threshold: float = 5.0) -> dict:
+    """A range-test result shaped like a real one: flat, a sigmoid descent around lr = 10**center, and optionally a
+    blow-up from lr = 10**blowup, cut where the loss passes `threshold` x its best (as range_test stops)."""
+    x = np.linspace(np.log10(START), np.log10(END), N)
+    loss = 2.3 - 1.5 / (1 + np.exp(-(x - center) / 0.3))
+    if blowup is not None:
+        loss += 20 * np.maximum(0.0, x - blowup) ** 2
+    loss += noise * np.random.default_rng(0).normal(size=N)
+    n, diverged = N, False
+    for i in range(N):
+        if loss[i] > threshold * loss[: i + 1].min():
+            n, diverged = i + 1, True
+            break
+    return {"lr": list(10 ** x[:n]), "loss": list(loss[:n]), "raw_loss": list(loss[:n]), "diverged": diverged}
+
+
+def suggest(result: dict, rule: str = "steepest") -> float:
+    return lr_finder.suggest_lr(result, rule, START, END, N)
+
+
+def test_steepest_is_where_the_loss_falls_fastest():
+    assert suggest(curve(-3.0, blowup=-1.0)) == pytest.approx(1e-3, rel=0.1)
+    assert suggest(curve(-4.0, noise=0.005, blowup=-2.0)) == pytest.approx(1e-4, rel=0.25)
+
+
+def test_valley_is_inside_the_descent_before_the_minimum():
+    result = curve(-3.0, noise=0.01, blowup=-1.0)
+    valley = suggest(result, "valley")
+    lowest = result["lr"][int(np.argmin(result["loss"]))]
+    assert 10**-3.5 < valley < lowest
+    assert valley != suggest(result, "steepest")
+
+
+@pytest.mark.parametrize("rule", ["steepest", "valley"])
+def test_a_descent_at_the_start_of_the_range_asks_for_a_lower_start_lr(rule):
+    with pytest.raises(PipelineError, match="low end of the range.*lower lr_find.start_lr"):
+        suggest(curve(-7.5, blowup=-5.5), rule)
+
+
+def test_a_minimum_at_the_start_of_the_range_asks_for_a_lower_start_lr():
+    result = curve(-9.0, blowup=-6.6, threshold=1e9)  # falls over the first points, then only climbs
+    with pytest.raises(PipelineError, match="lowest at the low end.*lower lr_find.start_lr"):
+        suggest(result)
+
+
+@pytest.mark.parametrize("rule", ["steepest", "valley"])
+@pytest.mark.parametrize("center", [0.0, 1.0])
+def test_a_loss_still_falling_at_the_end_asks_for_a_higher_end_lr(rule, center):
+    with pytest.raises(PipelineError, match="still falling at the .*higher lr_find.end_lr"):
+        suggest(curve(center, noise=0.003), rule)
+
+
+def test_a_curve_that_never_falls_asks_for_a_wider_range():
+    flat = curve(5.0, noise=0.01)  # the descent lies beyond end_lr
+    with pytest.raises(PipelineError, match="never fell.*higher lr_find.end_lr"):
+        suggest(flat)
+    rising = curve(-20.0, blowup=-5.0)  # already diverging from well inside the range
+    rising["loss"] = [2.3 + 0.01 * i for i in range(len(rising["loss"]))]
+    with pytest.raises(PipelineError, match="never fell.*before it diverged.*lower lr_find.start_lr"):
+        suggest(rising)
+
+
+def test_an_immediate_divergence_asks_for_a_lower_start_lr():
+    result = curve(-3.0, blowup=-6.8)
+    assert result["diverged"] and len(result["lr"]) < 30
+    with pytest.raises(PipelineError, match=r"diverged after \d+ of 200 iterations.*lower lr_find.start_lr"):
+        suggest(result)
+
+
+def test_range_test_raises_the_lr_exponentially_and_smooths_with_bias_correction():
+    torch.manual_seed(0)
+    model = tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    data = loader(40, 10, True)  # 4 batches: 12 iterations cycle through it three times
+    result = lr_finder.range_test(
+        model, data, CPU, start_lr=1e-4, end_lr=1e-2, num_iter=12, smooth=0.3, diverge_threshold=5.0, weight_decay=0
+    )
+    assert not result["diverged"] and len(result["lr"]) == 12
+    assert result["lr"] == pytest.approx([1e-4 * 100 ** (i / 11) for i in range(12)], rel=1e-12)
+    average = 0.0
+    for i, (raw, smoothed) in enumerate(zip(result["raw_loss"], result["loss"], strict=True)):
+        average = 0.7 * average + 0.3 * raw
+        assert smoothed == pytest.approx(average / (1 - 0.7 ** (i + 1)), rel=1e-12)
+    assert result["loss"][0] == pytest.approx(result["raw_loss"][0], rel=1e-12)  # no pull towards 0 at the start
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_range_test_stops_when_the_loss_diverges():
+    torch.manual_seed(0)
+    result = lr_finder.range_test(
+        tiny_model(), loader(40, 10, True), CPU, start_lr=1e-3, end_lr=1e7, num_iter=60, smooth=0.3,
+        diverge_threshold=2.0, weight_decay=0,
+    )  # fmt: skip
+    assert result["diverged"] and len(result["lr"]) < 60
+    assert result["loss"][-1] > 2.0 * min(result["loss"][:-1])
+
+
+def test_results_file_is_a_curve_dvc_can_plot(tmp_path):
+    result = curve(-3.0, blowup=-1.0)
+    path = tmp_path / "reports/lr_find.json"
+    lr_finder.save_results(path, result, 1e-3, "steepest", N, 12.5)
+    saved = json.loads(path.read_text())
+    assert saved["suggested_lr"] == 1e-3 and saved["rule"] == "steepest" and saved["wall_time_s"] == 12.5
+    assert saved["num_iter"] == N and saved["num_iter_run"] == len(result["lr"]) and saved["diverged"]
+    assert [r["lr"] for r in saved["curve"]] == result["lr"]
+    assert [r["loss"] for r in saved["curve"]] == result["loss"]
+
+    (tmp_path / "dvc.yaml").write_text(
+        "plots:\n  - lr_range_test:\n      x: lr\n      y:\n        reports/lr_find.json: loss\n"
+    )
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    shown = subprocess.run([*dvc, "plots", "show", "--json"], cwd=tmp_path, check=True, capture_output=True, text=True)
+    rendered = json.loads(shown.stdout)
+    assert "errors" not in rendered
+    [plot] = rendered["data"]["lr_range_test"]
+    points = [(p["lr"], p["loss"]) for p in plot["content"]["data"]["values"]]
+    assert points == [(r["lr"], r["loss"]) for r in saved["curve"]]
+
+
+def test_the_stage_writes_the_curve_the_plot_and_a_suggestion(tmp_path):
+    root = make_project(tmp_path)
+    (root / "reports/lr_find.json").unlink()
+    result = run_stage(root, "lr_find")
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((root / "reports/lr_find.json").read_text())
+    cfg = PARAMS["lr_find"]
+    assert saved["rule"] == "steepest" and saved["num_iter"] == cfg["num_iter"]
+    lrs = [r["lr"] for r in saved["curve"]]
+    assert lrs[0] == cfg["start_lr"] and lrs == sorted(lrs) and len(lrs) == saved["num_iter_run"]
+    assert lrs[3] < saved["suggested_lr"] < lrs[-2]
+    assert f"suggested max LR {saved['suggested_lr']:.4g}" in result.stdout
+    assert (root / "reports/lr_find.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_stage_refuses_a_range_that_misses_the_descent(tmp_path):
+    params = {**PARAMS, "lr_find": {"start_lr": 1e-9, "end_lr": 1e-8, "num_iter": 10}}
+    root = make_project(tmp_path)
+    set_params(root, params)
+    result = run_stage(root, "lr_find")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "never fell" in result.stderr and "higher lr_find.end_lr" in result.stderr
+    # The curve stays behind to look at, without a suggestion the train stage could pick up.
+    assert json.loads((root / "reports/lr_find.json").read_text())["suggested_lr"] is None
+    assert (root / "reports/lr_find.png").is_file()

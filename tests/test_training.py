@@ -1,0 +1,376 @@
+"""The training recipe (engine.py) and the train run (training.py), in-process with a tiny model on the CPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cifar_pipeline import engine, training
+from cifar_pipeline.data import CifarDataset, make_loader, set_epoch
+from cifar_pipeline.errors import MissingInputError, PipelineError
+from cifar_pipeline.gpu_augment import make_eval_loader, make_train_loader
+from cifar_pipeline.params import AugmentParams, TrainParams, parse_params
+from cifar_pipeline.transforms import test_transforms
+
+CPU = engine.Runtime(torch.device("cpu"))
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+TIMING = ("epoch_time_s", "images_per_s", "wall_time_s")
+
+
+def colour_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable toy data: each class is a distinct colour plus pixel noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % 10).astype(np.int64)
+    palette = np.array([[(c * 53) % 176 + 40, (c * 97) % 176 + 40, (c * 29) % 176 + 40] for c in range(10)])
+    images = palette[labels][:, None, None, :] + rng.normal(0, 30, size=(n, 32, 32, 3))
+    return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+def loader(n: int, batch_size: int, train: bool, seed: int = 0, workers: int = 0, backend: str = "albumentations"):
+    """Unaugmented batches of colour_images; the gpu backend's (augmented when training) on the CPU."""
+    images, labels = colour_images(n, seed)
+    if backend == "gpu":
+        options = {"batch_size": batch_size, "seed": 0, "num_workers": 0, "device": CPU.device}
+        if train:
+            return make_train_loader(images, labels, AugmentParams(backend="gpu"), MEAN, STD, **options)
+        return make_eval_loader(images, labels, MEAN, STD, backend="gpu", **options)
+    dataset = CifarDataset(images, labels, test_transforms(MEAN, STD), 0)
+    return make_loader(dataset, batch_size, train, workers, 0, False)
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Dropout(0.2),  # draws from the global RNG: resuming must restore it
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
+
+
+def run_fit(tmp_path: Path, train: TrainParams, *, val=False, fingerprint="f", model=None, loading=None, **kwargs):
+    loading = loading or {}  # loader() options: workers, backend
+    eval_loaders = {"val": loader(20, 10, False, seed=2, **loading)} if val else {}
+    eval_loaders["test"] = loader(20, 10, False, seed=1, **loading)
+    return training.fit(
+        model or tiny_model(),
+        "tiny",
+        {},
+        loader(40, 10, True, **loading),
+        eval_loaders,
+        train,
+        CPU,
+        max_lr=kwargs.pop("max_lr", 0.05),
+        max_lr_source="params",
+        run_fingerprint=fingerprint,
+        checkpoint_extra={
+            "batch_size": 10,
+            "mean": list(MEAN),
+            "std": list(STD),
+            "classes": [str(i) for i in range(10)],
+        },
+        live_dir=tmp_path / "reports/train",
+        model_path=tmp_path / "models/model.pt",
+        best_path=tmp_path / "models/best.pt",
+        resume_path=tmp_path / ".resume/train.pt",
+        **kwargs,
+    )
+
+
+def read_tsv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def outputs(root: Path) -> dict:
+    """Everything a run leaves behind that must not depend on timing: metrics, curves, weights."""
+    metrics = json.loads((root / "reports/train/metrics.json").read_text())
+    for key in TIMING:
+        metrics.pop(key, None)
+    curves = {
+        str(p.relative_to(root)): p.read_text()
+        for p in sorted((root / "reports/train/plots").rglob("*.*"))
+        if p.stem not in TIMING
+    }
+    weights = {
+        name: torch.load(root / "models" / name, weights_only=True)["state_dict"] for name in ("model.pt", "best.pt")
+    }
+    return {"metrics": metrics, "curves": curves, "weights": weights}
+
+
+def assert_same_outputs(a: dict, b: dict) -> None:
+    assert a["metrics"] == b["metrics"]
+    assert a["curves"] == b["curves"]
+    for name in a["weights"]:
+        assert a["weights"][name].keys() == b["weights"][name].keys()
+        for key, tensor in a["weights"][name].items():
+            assert torch.equal(tensor, b["weights"][name][key]), f"{name}: {key} differs"
+
+
+# --- engine -------------------------------------------------------------------------------------------------------
+
+
+def test_pick_device_auto_and_explicit():
+    assert engine.pick_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert engine.pick_device("auto").type == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_pick_device_refuses_a_missing_device():
+    with pytest.raises(PipelineError, match="train.device"):
+        engine.pick_device("cuda")
+
+
+def test_cpu_runtime_is_plain_fp32():
+    runtime = engine.make_runtime(TrainParams(device="cpu", amp=True, channels_last=True))
+    assert runtime == engine.Runtime(torch.device("cpu"), None, False)
+
+
+@pytest.mark.parametrize(("epochs", "peak_epoch", "steps"), [(4, 2, 5), (3, 3, 4), (1, 1, 6)])
+def test_one_cycle_peaks_at_the_end_of_peak_epoch_and_returns_to_the_start(epochs, peak_epoch, steps):
+    model = nn.Linear(2, 2)
+    optimizer = engine.make_optimizer(model, 0.01, 0.0, CPU)
+    scheduler = engine.make_scheduler(optimizer, 1.0, epochs, steps, peak_epoch, div_factor=100.0)
+    lrs = []
+    for _ in range(epochs * steps):  # what train_epoch does per batch, including not stepping past the end
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if scheduler.last_epoch + 1 < scheduler.total_steps:
+            scheduler.step()
+    assert int(np.argmax(lrs)) == peak_epoch * steps - 1
+    assert max(lrs) == pytest.approx(1.0, rel=1e-12)
+    assert lrs[0] == pytest.approx(0.01, rel=1e-12)
+    if peak_epoch < epochs:
+        assert lrs[-1] == pytest.approx(0.01, rel=1e-9)  # back to the start, no lower
+    assert min(lrs) == pytest.approx(0.01, rel=1e-9)
+
+
+def test_train_epoch_is_deterministic_on_the_cpu_and_learns():
+    def run():
+        engine.seed_everything(0)
+        model = tiny_model()
+        optimizer = engine.make_optimizer(model, 0.05, 1e-4, CPU)
+        scheduler = engine.make_scheduler(optimizer, 0.05, 3, 4, 1, 10.0)
+        data = loader(40, 10, True)
+        stats = []
+        for epoch in range(3):
+            set_epoch(data, epoch)
+            stats.append(engine.train_epoch(model, data, optimizer, scheduler, engine.make_scaler(CPU), CPU))
+        return model, stats
+
+    (model_a, stats_a), (model_b, stats_b) = run(), run()
+    assert [(s.loss, s.acc, s.lrs) for s in stats_a] == [(s.loss, s.acc, s.lrs) for s in stats_b]
+    for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert stats_a[-1].loss < stats_a[0].loss
+    assert stats_a[0].images == 40 and len(stats_a[0].lrs) == 4
+
+
+def test_evaluate_matches_a_plain_computation():
+    model = tiny_model().eval()
+    data = loader(20, 8, False)
+    loss, acc = engine.evaluate(model, data, CPU)
+    images = torch.cat([x for x, _ in data])
+    labels = torch.cat([y for _, y in data])
+    with torch.no_grad():
+        logits = model(images)
+    assert loss == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert acc == pytest.approx(100.0 * (logits.argmax(1) == labels).float().mean().item())
+
+
+def test_a_nan_loss_stops_with_the_step_and_learning_rate_in_the_message():
+    images, labels = torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,))
+    images[25] = float("nan")  # poisons the third batch of 10
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=10)
+    model = tiny_model()
+    optimizer = engine.make_optimizer(model, 0.001, 0.0, CPU)
+    scheduler = engine.make_scheduler(optimizer, 0.01, 1, 4, 1, 10.0)
+    lrs = [0.001 + i * 0.003 for i in range(4)]  # the linear warm-up over 4 steps
+    with pytest.raises(PipelineError) as error:
+        engine.train_epoch(model, data, optimizer, scheduler, engine.make_scaler(CPU), CPU, desc="epoch 1")
+    message = str(error.value)
+    assert "nan" in message and "epoch 1, step 3 of 4" in message
+    assert f"learning rate {lrs[2]:.4g}" in message and "train.max_lr" in message
+
+
+# --- the train run ------------------------------------------------------------------------------------------------
+
+
+def test_resolve_max_lr(tmp_path):
+    path = tmp_path / "lr_find.json"
+    assert training.resolve_max_lr(0.3, path) == (0.3, "params")
+    with pytest.raises(MissingInputError, match="lr-find"):
+        training.resolve_max_lr("auto", path)
+    path.write_text(json.dumps({"suggested_lr": 0.0123, "curve": []}))
+    assert training.resolve_max_lr("auto", path) == (0.0123, "lr-find")
+    path.write_text(json.dumps({"suggested_lr": None}))
+    with pytest.raises(PipelineError, match="suggested_lr"):
+        training.resolve_max_lr("auto", path)
+
+
+def test_fingerprint_follows_params_and_inputs_but_not_workers(tmp_path):
+    stats = tmp_path / "stats.json"
+    stats.write_text('{"mean": [0.5]}')
+    base = parse_params({})
+    same = training.fingerprint(base, 0.1, [stats])
+    assert training.fingerprint(parse_params({"data": {"num_workers": 3}}), 0.1, [stats]) == same
+    assert training.fingerprint(parse_params({"train": {"epochs": 5}}), 0.1, [stats]) != same
+    assert training.fingerprint(base, 0.2, [stats]) != same
+    stats.write_text('{"mean": [0.6]}')
+    assert training.fingerprint(base, 0.1, [stats]) != same
+
+
+def test_fit_logs_every_metric_and_the_one_cycle_schedule(tmp_path, capsys):
+    train = TrainParams(epochs=3, peak_epoch=2, div_factor=10.0, device="cpu")
+    summary = run_fit(tmp_path, train, max_lr=0.05)
+    steps_per_epoch = 4  # 40 images, batch 10
+
+    metrics = json.loads((tmp_path / "reports/train/metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(summary))
+    assert metrics["step"] == 3
+    assert metrics["max_lr"] == 0.05 and metrics["max_lr_source"] == "params"
+    assert set(metrics["best"]) == {"test_acc", "epoch"}
+    assert metrics["wall_time_s"] > 0
+    tsv = tmp_path / "reports/train/plots/metrics"
+    for name in ("train/loss", "train/acc", "test/loss", "test/acc", "lr", "epoch_time_s", "images_per_s"):
+        rows = read_tsv(tsv / f"{name}.tsv")
+        assert [int(r["step"]) for r in rows] == [1, 2, 3], name
+        summary_value = metrics
+        for key in name.split("/"):  # DVCLive nests 'train/loss' as train -> loss
+            summary_value = summary_value[key]
+        assert float(rows[-1][key]) == pytest.approx(summary_value), name  # the summary holds the last epoch
+    assert not (tsv / "val").exists()
+    accs = [float(r["acc"]) for r in read_tsv(tsv / "test/acc.tsv")]
+    assert metrics["best"]["test_acc"] == max(accs) and metrics["best"]["epoch"] == accs.index(max(accs)) + 1
+    assert 0 <= metrics["test"]["acc"] <= 100
+
+    records = json.loads((tmp_path / "reports/train/plots/custom/lr_schedule.json").read_text())
+    assert [r["step"] for r in records] == list(range(3 * steps_per_epoch))
+    lrs = [r["lr"] for r in records]
+    assert int(np.argmax(lrs)) == 2 * steps_per_epoch - 1
+    assert max(lrs) == pytest.approx(0.05)
+    assert lrs[0] == pytest.approx(0.005) and lrs[-1] == pytest.approx(0.005)
+    epoch_lrs = [float(r["lr"]) for r in read_tsv(tsv / "lr.tsv")]
+    assert epoch_lrs == [lrs[steps_per_epoch - 1], lrs[2 * steps_per_epoch - 1], lrs[-1]]
+
+    out = capsys.readouterr().out
+    assert "epoch 1/3" in out and "epoch 3/3" in out and "test loss" in out
+    assert not (tmp_path / ".resume/train.pt").exists()
+
+    for name in ("model.pt", "best.pt"):
+        ckpt = torch.load(tmp_path / "models" / name, weights_only=True)
+        assert ckpt["max_lr"] == 0.05 and ckpt["max_lr_source"] == "params"
+        assert ckpt["device"] == "cpu" and ckpt["batch_size"] == 10 and ckpt["classes"][0] == "0"
+        assert {"optimizer", "scheduler", "loss", "mean", "std", "train_acc", "test_acc"} <= ckpt.keys()
+    assert torch.load(tmp_path / "models/model.pt", weights_only=True)["epoch"] == 3
+    assert torch.load(tmp_path / "models/best.pt", weights_only=True)["epoch"] == metrics["best"]["epoch"]
+
+
+def test_fit_with_a_validation_split_picks_the_best_by_validation(tmp_path):
+    summary = run_fit(tmp_path, TrainParams(epochs=2, peak_epoch=1, device="cpu"), val=True)
+    assert set(summary["best"]) == {"val_acc", "epoch"}
+    assert set(summary["val"]) == {"loss", "acc"}
+    rows = read_tsv(tmp_path / "reports/train/plots/metrics/val/acc.tsv")
+    assert max(float(r["acc"]) for r in rows) == summary["best"]["val_acc"]
+    best = torch.load(tmp_path / "models/best.pt", weights_only=True)
+    assert best["val_acc"] == summary["best"]["val_acc"] and best["epoch"] == summary["best"]["epoch"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_in_epoch(monkeypatch, epoch: int) -> None:
+    """Make fit stop during `epoch`'s evaluation, after the previous epoch's resume state was saved."""
+    calls = {"n": 0}
+    evaluate = engine.evaluate
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == epoch:
+            raise Interrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", failing)
+
+
+# With workers, the loaders' iterators are made once (persistent workers): in the uninterrupted run in epoch 1,
+# in the resumed one in epoch 2. Their seed draw must not shift the dropout masks.
+@pytest.mark.parametrize("loading", [{"workers": 0}, {"workers": 1}, {"backend": "gpu"}])
+def test_an_interrupted_fit_resumes_to_the_same_result(tmp_path, monkeypatch, capsys, loading):
+    train = TrainParams(epochs=3, peak_epoch=1, device="cpu")
+    engine.seed_everything(0)
+    run_fit(tmp_path / "whole", train, loading=loading)
+
+    engine.seed_everything(0)
+    interrupt_in_epoch(monkeypatch, 2)
+    with pytest.raises(Interrupt):
+        run_fit(tmp_path / "cut", train, loading=loading)
+    assert torch.load(tmp_path / "cut/.resume/train.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.undo()
+
+    engine.seed_everything(0)
+    # Other initial weights and RNG state: both must come from the resume state.
+    run_fit(tmp_path / "cut", train, model=tiny_model(seed=123), loading=loading)
+    assert "resuming after epoch 1 of 3" in capsys.readouterr().out
+    assert not (tmp_path / "cut/.resume/train.pt").exists()
+    assert_same_outputs(outputs(tmp_path / "whole"), outputs(tmp_path / "cut"))
+
+
+def test_a_resume_state_from_other_params_is_discarded(tmp_path, monkeypatch, capsys):
+    train = TrainParams(epochs=2, peak_epoch=1, device="cpu")
+    engine.seed_everything(0)
+    interrupt_in_epoch(monkeypatch, 2)
+    with pytest.raises(Interrupt):
+        run_fit(tmp_path, train, fingerprint="old")
+    monkeypatch.undo()
+
+    engine.seed_everything(0)
+    run_fit(tmp_path, train, fingerprint="new")
+    out = capsys.readouterr().out
+    assert "other params or inputs" in out and "resuming" not in out
+    rows = read_tsv(tmp_path / "reports/train/plots/metrics/train/loss.tsv")
+    assert [int(r["step"]) for r in rows] == [1, 2]  # trained from epoch 1, not continued
+    assert not (tmp_path / ".resume/train.pt").exists()
+
+
+def test_a_resume_state_without_its_best_checkpoint_is_discarded(tmp_path, monkeypatch, capsys):
+    train = TrainParams(epochs=2, peak_epoch=1, device="cpu")
+    interrupt_in_epoch(monkeypatch, 2)
+    with pytest.raises(Interrupt):
+        run_fit(tmp_path, train)
+    monkeypatch.undo()
+    (tmp_path / "models/best.pt").unlink()  # as `dvc repro` does to outputs that are not persistent
+
+    run_fit(tmp_path, train)
+    out = capsys.readouterr().out
+    assert "best.pt of the interrupted run is gone; starting afresh" in out and "resuming" not in out
+    assert (tmp_path / "models/best.pt").is_file()
+
+
+def test_dvc_renders_the_lr_schedule_plot(tmp_path):
+    run_fit(tmp_path, TrainParams(epochs=1, peak_epoch=1, device="cpu"))
+    (tmp_path / "dvc.yaml").write_text(
+        "plots:\n  - lr_schedule:\n      x: step\n      y:\n        reports/train/plots/custom/lr_schedule.json: lr\n"
+    )
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    shown = subprocess.run([*dvc, "plots", "show", "--json"], cwd=tmp_path, check=True, capture_output=True, text=True)
+    rendered = json.loads(shown.stdout)
+    assert "errors" not in rendered
+    [plot] = rendered["data"]["lr_schedule"]
+    points = [(p["step"], p["lr"]) for p in plot["content"]["data"]["values"]]
+    records = json.loads((tmp_path / "reports/train/plots/custom/lr_schedule.json").read_text())
+    assert points == [(r["step"], r["lr"]) for r in records] and len(points) == 4

@@ -1,0 +1,244 @@
+"""The training augmentations on whole batches on the training device, and a loader over a split held there.
+
+`augment.backend: gpu` selects this path. The Albumentations loader tops out around 4-5k images/s per CPU core,
+which cannot feed a fast GPU; here the uint8 split lives on the device (CIFAR-10's train split is 150 MB) and each
+batch is gathered by index, then flipped, warped, cut out and normalised there: no DataLoader, no workers.
+
+The transforms and their parameters are those of transforms.train_transforms: HorizontalFlip, Affine (integer
+translation truncated like Albumentations', independent x and y scales, rotation about the centre, bilinear,
+reflect-101 border, output rounded like cv2's uint8 warp), one CoarseDropout hole filled with the rounded mean pixel,
+then Normalize. Sample i's parameters in epoch e depend on (seed, e, i) only: a whole epoch's are drawn at once on
+the CPU, indexed by sample, and copied to the device once. So they do not depend on the batch size or the device,
+and nothing syncs the host with the device per batch. The shuffle order is data.py's EpochSampler's, so both
+backends see the same batches of images, each with its own (backend-specific) random augmentation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import BatchSampler, DataLoader
+
+from cifar_pipeline.data import CifarDataset, EpochSampler, make_loader
+from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.params import AugmentParams
+from cifar_pipeline.transforms import _check_stats, test_transforms, train_transforms
+
+# Spawn-key tag of the augmentation stream: data.py names the shuffle order (epoch,) and a sample (epoch, index),
+# with index < 2**32, so (epoch, AUGMENT_STREAM) is a stream of its own.
+AUGMENT_STREAM = 2**32
+
+
+class Draw(NamedTuple):
+    """Per-sample augmentation parameters, one row per sample."""
+
+    flip: torch.Tensor  # bool
+    warp: torch.Tensor  # bool: apply the affine warp
+    theta: torch.Tensor  # float32 (n, 2, 3): output -> input coordinates, as F.affine_grid takes them
+    hole: torch.Tensor  # bool: cut a hole
+    top: torch.Tensor  # int64: the hole's first row
+    left: torch.Tensor  # int64: the hole's first column
+
+    def take(self, index: torch.Tensor) -> Draw:
+        return Draw(*(t[index] for t in self))
+
+    def to(self, device: torch.device) -> Draw:
+        return Draw(*(t.to(device) for t in self))
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    state = np.random.SeedSequence(seed, spawn_key=(epoch, AUGMENT_STREAM)).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def affine_theta(
+    tx: torch.Tensor,
+    ty: torch.Tensor,
+    sx: torch.Tensor,
+    sy: torch.Tensor,
+    degrees: torch.Tensor,
+    height: int,
+    width: int,
+) -> torch.Tensor:
+    """The (n, 2, 3) `F.affine_grid` matrices (align_corners=True) of Albumentations' Affine warp.
+
+    Albumentations maps input to output pixel centres by x' = R S (x - c) + c + t, with c the image centre,
+    S = diag(sx, sy) and R = [[cos a, sin a], [-sin a, cos a]]; cv2 samples the input at the inverse of that.
+    With align_corners=True the normalised coordinate of pixel x is (x - c) * 2 / (size - 1), so the corner pixel
+    centres are +-1 and grid_sample's "reflection" padding reflects about them: cv2's BORDER_REFLECT_101.
+    """
+    a = torch.deg2rad(degrees.double() % 360)
+    cos, sin = torch.cos(a), torch.sin(a)
+    ku, kv = 2 / (width - 1), 2 / (height - 1)  # pixels -> normalised units, along x and along y
+    # The inverse warp x = S^-1 R^T (x' - c - t) + c, written out element by element (batched 2x2 matmuls are slow).
+    row_x = [cos / sx, -sin / sx * ku / kv, -(cos * tx - sin * ty) / sx * ku]
+    row_y = [sin / sy * kv / ku, cos / sy, -(sin * tx + cos * ty) / sy * kv]
+    return torch.stack([torch.stack(row_x, -1), torch.stack(row_y, -1)], -2).float()
+
+
+def draw_params(augment: AugmentParams, n: int, height: int, width: int, generator: torch.Generator) -> Draw:
+    """Parameters for `n` samples, drawn on the CPU from `generator` (the same ranges as train_transforms)."""
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.rand(n, generator=generator, dtype=torch.float64) * (high - low) + low
+
+    def chance(p: float) -> torch.Tensor:
+        return torch.rand(n, generator=generator) < p
+
+    flip = chance(augment.hflip_p)
+    warp = chance(augment.shift_scale_rotate_p)
+    # Albumentations truncates the shift to whole pixels: int(fraction * size).
+    tx = torch.trunc(uniform(-augment.shift_limit, augment.shift_limit) * width)
+    ty = torch.trunc(uniform(-augment.shift_limit, augment.shift_limit) * height)
+    sx = uniform(1 - augment.scale_limit, 1 + augment.scale_limit)
+    sy = uniform(1 - augment.scale_limit, 1 + augment.scale_limit)  # keep_ratio=False: independent of sx
+    degrees = uniform(-augment.rotate_limit, augment.rotate_limit)
+    hole = chance(augment.coarse_dropout_p)
+    size = augment.hole_size
+    top = torch.randint(0, height - size + 1, (n,), generator=generator)
+    left = torch.randint(0, width - size + 1, (n,), generator=generator)
+    return Draw(flip, warp, affine_theta(tx, ty, sx, sy, degrees, height, width), hole, top, left)
+
+
+def augment_batch(images: torch.Tensor, draw: Draw, hole_size: int, fill: torch.Tensor) -> torch.Tensor:
+    """Flip, warp and cut out uint8 (n, C, H, W) images; float32 pixel values (0..255) come out, not normalised."""
+    x = images.float()
+    per_image = (-1, 1, 1, 1)
+    x = torch.where(draw.flip.view(per_image), x.flip(-1), x)
+    grid = F.affine_grid(draw.theta, list(x.shape), align_corners=True)
+    warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
+    x = torch.where(draw.warp.view(per_image), warped.round_(), x)  # round: the cv2 warp writes uint8
+    rows = torch.arange(x.shape[-2], device=x.device)
+    cols = torch.arange(x.shape[-1], device=x.device)
+    in_rows = (rows >= draw.top[:, None]) & (rows < draw.top[:, None] + hole_size)
+    in_cols = (cols >= draw.left[:, None]) & (cols < draw.left[:, None] + hole_size)
+    in_hole = in_rows[:, :, None] & in_cols[:, None, :] & draw.hole.view(-1, 1, 1)
+    return torch.where(in_hole[:, None], fill.view(1, -1, 1, 1), x)
+
+
+class DeviceDataset:
+    """A split on the device: uint8 (N, 3, H, W) images and int64 labels, augmented (given `augment`) and normalised
+    a batch at a time. Items are keyed like CifarDataset's, so plots.save_train_samples works on it too."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        mean: Sequence[float],
+        std: Sequence[float],
+        seed: int,
+        device: torch.device | str,
+        augment: AugmentParams | None = None,
+    ) -> None:
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise PipelineError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+        if labels.shape != (len(images),):
+            raise PipelineError(f"labels must have shape ({len(images)},), got {labels.shape}")
+        mean, std = _check_stats(mean, std)
+        self.device = torch.device(device)
+        self.images = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).contiguous()
+        self.labels = torch.from_numpy(labels).to(self.device, torch.int64)
+        self.augment = augment
+        self.seed = seed
+        # Normalize as Albumentations does: (x - 255 mean) / (255 std), on pixel values.
+        self.shift = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.scale = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
+        self.fill = torch.tensor([float(round(m * 255)) for m in mean], device=self.device)  # as transforms.py
+        self._draw: tuple[int, Draw] | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def draw(self, epoch: int) -> Draw:
+        """Every sample's augmentation parameters in `epoch`, on the device (the last epoch's are kept)."""
+        if self._draw is None or self._draw[0] != epoch:
+            height, width = self.images.shape[-2:]
+            params = draw_params(self.augment, len(self), height, width, epoch_generator(self.seed, epoch))
+            self._draw = epoch, params.to(self.device)
+        return self._draw[1]
+
+    def batch(self, index: torch.Tensor, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 normalised (n, 3, H, W) images, int64 labels) of the samples at `index` (on the device)."""
+        images = self.images[index]
+        if self.augment is None:
+            pixels = images.float()
+        else:
+            pixels = augment_batch(images, self.draw(epoch).take(index), self.augment.hole_size, self.fill)
+        return (pixels - self.shift) / self.scale, self.labels[index]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        images, labels = self.batch(torch.tensor([index], device=self.device), epoch)
+        return images[0].cpu(), labels[0].cpu()
+
+
+class DeviceLoader:
+    """Batches of a DeviceDataset in the order of data.py's EpochSampler: a drop-in for make_loader's DataLoader
+    (len, iteration, `.dataset`, `.batch_sampler.sampler.set_epoch`, so data.set_epoch works on it)."""
+
+    def __init__(
+        self, dataset: DeviceDataset, batch_size: int, train: bool, seed: int, drop_last: bool = False
+    ) -> None:
+        # make_loader's rule: drop a lone last training sample (batch norm statistics of one image are noise).
+        drop_last = drop_last or (train and len(dataset) % batch_size == 1 and len(dataset) > 1)
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.batch_sampler = BatchSampler(EpochSampler(len(dataset), seed, shuffle=train), batch_size, drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        sampler = self.batch_sampler.sampler
+        epoch = sampler.epoch
+        order = np.fromiter((i for i, _ in sampler), dtype=np.int64, count=len(sampler))
+        # One copy of the epoch's order to the device, then slices of it: no host sync per batch.
+        order = torch.from_numpy(order[: len(self) * self.batch_size]).to(self.dataset.device)
+        for index in order.split(self.batch_size):
+            yield self.dataset.batch(index, epoch)
+
+
+def make_train_loader(
+    images: np.ndarray,
+    labels: np.ndarray,
+    augment: AugmentParams,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    batch_size: int,
+    seed: int,
+    num_workers: int,
+    device: torch.device,
+) -> DataLoader | DeviceLoader:
+    """The training loader `augment.backend` asks for: Albumentations in worker processes, or on `device`."""
+    if augment.backend == "gpu":
+        dataset = DeviceDataset(images, labels, mean, std, seed, device, augment)
+        return DeviceLoader(dataset, batch_size, train=True, seed=seed)
+    dataset = CifarDataset(images, labels, train_transforms(augment, mean, std), seed)
+    return make_loader(dataset, batch_size, True, num_workers, seed, pin_memory=device.type == "cuda")
+
+
+def make_eval_loader(
+    images: np.ndarray,
+    labels: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    backend: str,
+    batch_size: int,
+    seed: int,
+    num_workers: int,
+    device: torch.device,
+) -> DataLoader | DeviceLoader:
+    """An ordered, normalised, unaugmented loader; with the gpu backend the split lives on `device` too."""
+    if backend == "gpu":
+        return DeviceLoader(DeviceDataset(images, labels, mean, std, seed, device), batch_size, False, seed)
+    dataset = CifarDataset(images, labels, test_transforms(mean, std), seed)
+    return make_loader(dataset, batch_size, False, num_workers, seed, pin_memory=device.type == "cuda")

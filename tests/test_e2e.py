@@ -1,0 +1,274 @@
+"""End to end: the real `dvc` commands on a tiny configuration, in a temporary git repository.
+
+One module-scoped project runs the pipeline once; the tests then exercise what a user does next, in order:
+repro again, change params, run experiments, queue them, compare them, push and pull through a local remote.
+"""
+
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from archives import CLASSES, encode_image, write_tar
+from conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+STAGES = ["download", "compute-mean-std", "lr-find", "train", "report"]
+
+# Small enough for two CPU cores, large enough for the LR range test to see a descent.
+TINY_PARAMS = {
+    "data": {"md5": None, "num_workers": 0},
+    "model": {"name": "dilated_net", "dropout": 0.0},
+    "lr_find": {"start_lr": 1e-5, "end_lr": 10.0, "num_iter": 30},
+    "train": {"epochs": 2, "peak_epoch": 1, "batch_size": 50, "device": "cpu"},
+    "report": {"misclassified": 8},
+}
+
+
+def learnable_archive(path: Path, per_class_train: int = 20, per_class_test: int = 6) -> None:
+    """An image-folder archive whose classes differ by colour, so a model can learn them in a few steps."""
+    rng = np.random.default_rng(0)
+    palette = rng.integers(30, 225, size=(len(CLASSES), 3))
+    files = {}
+    for split, per_class in (("train", per_class_train), ("test", per_class_test)):
+        for label, cls in enumerate(CLASSES):
+            for i in range(per_class):
+                noise = rng.normal(0, 25, size=(32, 32, 3))
+                image = np.clip(palette[label] + noise, 0, 255).astype(np.uint8)
+                files[f"tiny/{split}/{cls}/{i:04d}.png"] = encode_image(image)
+    write_tar(path, files)
+
+
+def deep_update(base: dict, changes: dict) -> dict:
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            deep_update(base.setdefault(key, {}), value)
+        else:
+            base[key] = value
+    return base
+
+
+def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run(cwd, sys.executable, "-m", "dvc", *args, check=check)
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([\w-]+)'", output)
+
+
+def make_project(path: Path, archive: Path) -> Path:
+    """A copy of this repository's pipeline in a fresh git + DVC repository, with tiny params, committed."""
+    path.mkdir()
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, path / name)
+    for folder in ("stages", "src"):
+        shutil.copytree(ROOT / folder, path / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    deep_update(params, TINY_PARAMS)
+    params["data"]["url"] = str(archive)
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(path, "git", "init", "-q")
+    run(path, "git", "config", "user.email", "test@example.invalid")
+    run(path, "git", "config", "user.name", "test")
+    dvc(path, "init", "-q")
+    dvc(path, "config", "core.analytics", "false")
+    run(path, "git", "add", "-A")
+    run(path, "git", "commit", "-qm", "tiny pipeline")
+    return path
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("e2e")
+    archive = base / "tiny-cifar.tar.gz"
+    learnable_archive(archive)
+    path = make_project(base / "project", archive)
+    result = dvc(path, "repro")
+    assert stages_run(result.stdout) == STAGES
+    run(path, "git", "add", "-A")
+    run(path, "git", "commit", "-qm", "first run")
+    return path
+
+
+def metrics(path: Path) -> dict:
+    return json.loads((path / "reports/train/metrics.json").read_text())
+
+
+def test_dag_has_the_five_stages_in_order(project):
+    edges = set(re.findall(r'"([\w-]+)" -> "([\w-]+)"', dvc(project, "dag", "--dot").stdout))
+    for upstream, downstream in itertools.pairwise(STAGES):
+        assert (upstream, downstream) in edges
+
+
+def test_first_run_writes_every_output(project):
+    for output in [
+        "data/cifar10/train.npz",
+        "data/cifar10/test.npz",
+        "data/stats.json",
+        "reports/lr_find.json",
+        "reports/lr_find.png",
+        "models/model.pt",
+        "models/best.pt",
+        "reports/train/metrics.json",
+        "reports/train_samples.png",
+        "reports/augmentations.yaml",
+        "reports/summary.md",
+        "reports/misclassified.png",
+        "reports/metrics_curves.png",
+        "reports/predictions.csv",
+        "reports/per_class.json",
+        "reports/model_summary.txt",
+    ]:
+        assert (project / output).is_file(), output
+    with np.load(project / "data/cifar10/train.npz") as train:
+        assert train["images"].shape == (200, 32, 32, 3)
+    assert metrics(project)["step"] == 2
+
+
+def test_plots_show_renders_every_declared_plot(project):
+    dvc(project, "plots", "show", "-o", "plots-page")
+    page = (project / "plots-page" / "index.html").read_text()
+    declared = yaml.safe_load((project / "dvc.yaml").read_text())["plots"]
+    for plot in declared:
+        name = plot if isinstance(plot, str) else next(iter(plot))
+        assert (Path(name).name if name.endswith(".png") else name) in page, name
+
+
+def test_second_repro_reruns_nothing(project):
+    assert "up to date" in dvc(project, "status").stdout
+    result = dvc(project, "repro")
+    assert stages_run(result.stdout) == []
+    for stage in STAGES:
+        assert f"Stage '{stage}' didn't change, skipping" in result.stdout
+
+
+def restore(project: Path) -> None:
+    """Back to the committed state: git-tracked files (params, dvc.lock, metrics) and DVC-cached outputs."""
+    run(project, "git", "checkout", "--", ".")
+    dvc(project, "checkout", "-q", "--force")
+
+
+def set_params(project: Path, changes: dict) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    (project / "params.yaml").write_text(yaml.safe_dump(deep_update(params, changes), sort_keys=False))
+
+
+def test_changed_train_param_reruns_only_train_and_report(project):
+    set_params(project, {"train": {"div_factor": 20.0}})
+    try:
+        assert stages_run(dvc(project, "repro").stdout) == ["train", "report"]
+    finally:
+        restore(project)
+
+
+def test_changed_augment_param_reruns_lr_find_train_and_report(project):
+    set_params(project, {"augment": {"rotate_limit": 5.0}})
+    try:
+        assert stages_run(dvc(project, "repro").stdout) == ["lr-find", "train", "report"]
+    finally:
+        restore(project)
+    assert "up to date" in dvc(project, "status").stdout
+
+
+def test_failing_stage_exits_clearly_and_dvc_status_tells_the_truth(project):
+    set_params(project, {"data": {"test_subset": 1000}})
+    try:
+        result = dvc(project, "repro", check=False)
+        assert result.returncode != 0
+        assert "error: data.test_subset = 1000 is larger than the test split" in result.stderr + result.stdout
+        assert "Traceback" not in result.stderr + result.stdout
+        assert stages_run(result.stdout) == ["train"]
+        # The failed stage is not recorded as done: dvc.lock still holds the last good run, and status says so.
+        status = dvc(project, "status").stdout
+        assert "train:" in status and "modified:           data.test_subset" in status
+        assert "report:" not in status.split("train:")[0]
+        assert not list((project / "models").glob("*.tmp*"))
+    finally:
+        restore(project)
+    assert "up to date" in dvc(project, "status").stdout
+
+
+def exp_rows(project: Path) -> dict[str, dict]:
+    """`dvc exp show --json` flattened to {experiment name: {"params": ..., "metrics": ...}}."""
+    rows = {}
+    for commit in json.loads(dvc(project, "exp", "show", "--json").stdout):
+        for exp in [commit] + [e for branch in commit.get("experiments") or [] for e in branch["revs"]]:
+            data = exp.get("data") or {}
+            params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+            metric = data.get("metrics", {}).get("reports/train/metrics.json", {}).get("data", {})
+            rows[exp.get("name") or exp["rev"]] = {"params": params, "metrics": metric}
+    return rows
+
+
+def test_exp_run_with_a_number_skips_lr_find_and_trains_with_it(project):
+    before = metrics(project)
+    result = dvc(project, "exp", "run", "-n", "lr-002", "-S", "train.max_lr=0.02")
+    assert stages_run(result.stdout) == ["train", "report"]
+    after = metrics(project)
+    assert after["max_lr"] == pytest.approx(0.02)
+    assert after["max_lr"] != pytest.approx(before["max_lr"])
+    assert after["test"]["loss"] != before["test"]["loss"]
+    row = exp_rows(project)["lr-002"]
+    assert row["params"]["train"]["max_lr"] == 0.02
+    assert row["metrics"]["max_lr"] == pytest.approx(0.02)
+    restore(project)
+
+
+def test_queued_sweep_runs_both_and_can_be_compared_applied_and_branched(project):
+    dvc(project, "exp", "run", "--queue", "-S", "train.max_lr=0.01,0.03")
+    dvc(project, "queue", "start", "-j", "1")
+    # `dvc queue start` returns at once, leaving a worker to run the queue: wait for it to empty.
+    deadline = time.monotonic() + 600
+    while re.search(r"\b(Queued|Running)\b", status := dvc(project, "queue", "status").stdout):
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    assert "Failed" not in status, status
+    rows = exp_rows(project)
+    swept = {name: row for name, row in rows.items() if row["params"].get("train", {}).get("max_lr") in (0.01, 0.03)}
+    assert len(swept) == 2, rows
+    assert {round(row["metrics"]["max_lr"], 6) for row in swept.values()} == {0.01, 0.03}
+
+    names = sorted(swept, key=lambda n: swept[n]["params"]["train"]["max_lr"])
+    diff = dvc(project, "plots", "diff", names[0], names[1], "-o", "plots-diff").stdout
+    assert (project / "plots-diff" / "index.html").is_file(), diff
+
+    dvc(project, "exp", "apply", names[1])
+    assert yaml.safe_load((project / "params.yaml").read_text())["train"]["max_lr"] == 0.03
+    assert metrics(project)["max_lr"] == pytest.approx(0.03)
+    assert "max_lr" in dvc(project, "params", "diff").stdout
+    assert "reports/train/metrics.json" in dvc(project, "metrics", "diff").stdout
+
+    dvc(project, "exp", "branch", names[0], "lr-001")
+    shown = run(project, "git", "show", "lr-001:params.yaml").stdout
+    assert yaml.safe_load(shown)["train"]["max_lr"] == 0.01
+    restore(project)
+
+
+def test_push_and_pull_through_a_local_remote(project, tmp_path):
+    dvc(project, "remote", "add", "-d", "local", str(tmp_path / "remote"))
+    dvc(project, "push")
+    model = (project / "models/model.pt").read_bytes()
+    shutil.rmtree(project / ".dvc" / "cache")
+    for output in ("models", "data/cifar10"):
+        shutil.rmtree(project / output)
+    dvc(project, "pull")
+    assert (project / "models/model.pt").read_bytes() == model
+    assert (project / "data/cifar10/train.npz").is_file()
+    assert "up to date" in dvc(project, "status").stdout

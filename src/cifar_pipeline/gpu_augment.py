@@ -7,10 +7,10 @@ batch is gathered by index, then flipped, warped, cut out and normalised there: 
 The transforms and their parameters are those of transforms.train_transforms: HorizontalFlip, Affine (integer
 translation truncated like Albumentations', independent x and y scales, rotation about the centre, bilinear,
 reflect-101 border, output rounded like cv2's uint8 warp), one CoarseDropout hole filled with the rounded mean pixel,
-then Normalize. Sample i's parameters in epoch e depend on (seed, e, i) only: a whole epoch's are drawn at once on
-the CPU, indexed by sample, and copied to the device once. So they do not depend on the batch size or the device,
-and nothing syncs the host with the device per batch. The shuffle order is data.py's EpochSampler's, so both
-backends see the same batches of images, each with its own (backend-specific) random augmentation.
+then Normalize. Sample i's parameters in epoch e depend on (seed, e, i) and the split's size only: a whole epoch's
+are drawn at once on the CPU, indexed by sample, and copied to the device once. So they depend neither on the batch
+size nor on the device, and nothing syncs the host with the device per batch. The shuffle order is data.py's
+EpochSampler's, so both backends see the same batches of images, each with its own (backend-specific) augmentation.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class Draw(NamedTuple):
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator that draws every sample's augmentation parameters of `epoch`."""
     state = np.random.SeedSequence(seed, spawn_key=(epoch, AUGMENT_STREAM)).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 

@@ -22,3 +22,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "shared_data" in item.keywords:
             item.add_marker(skip)
+
+
+def dvc_plot_values(project: Path, name: str, x: str, file: str, y: str) -> list[dict]:
+    """The data points `dvc plots show` renders for one plot declared as {x, y: {file: y}} in `project`."""
+    import json
+    import subprocess
+    import sys
+
+    (project / "dvc.yaml").write_text(f"plots:\n  - {name}:\n      x: {x}\n      y:\n        {file}: {y}\n")
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=project, check=True)
+    shown = subprocess.run([*dvc, "plots", "show", "--json"], cwd=project, check=True, capture_output=True, text=True)
+    rendered = json.loads(shown.stdout)
+    assert "errors" not in rendered, rendered["errors"]
+    [plot] = rendered["data"][name]
+    return plot["content"]["data"]["values"]

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import dvc_plot_values
 from test_train_stage import PARAMS, make_project, run_stage, set_params
 from test_training import CPU, loader, tiny_model
 
@@ -125,16 +124,8 @@ def test_results_file_is_a_curve_dvc_can_plot(tmp_path):
     assert [r["lr"] for r in saved["curve"]] == result["lr"]
     assert [r["loss"] for r in saved["curve"]] == result["loss"]
 
-    (tmp_path / "dvc.yaml").write_text(
-        "plots:\n  - lr_range_test:\n      x: lr\n      y:\n        reports/lr_find.json: loss\n"
-    )
-    dvc = [sys.executable, "-m", "dvc"]
-    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
-    shown = subprocess.run([*dvc, "plots", "show", "--json"], cwd=tmp_path, check=True, capture_output=True, text=True)
-    rendered = json.loads(shown.stdout)
-    assert "errors" not in rendered
-    [plot] = rendered["data"]["lr_range_test"]
-    points = [(p["lr"], p["loss"]) for p in plot["content"]["data"]["values"]]
+    values = dvc_plot_values(tmp_path, "lr_range_test", "lr", "reports/lr_find.json", "loss")
+    points = [(p["lr"], p["loss"]) for p in values]
     assert points == [(r["lr"], r["loss"]) for r in saved["curve"]]
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import dvc_plot_values
 from torch import nn
 
 from cifar_pipeline import engine, training
@@ -362,15 +361,7 @@ def test_a_resume_state_without_its_best_checkpoint_is_discarded(tmp_path, monke
 
 def test_dvc_renders_the_lr_schedule_plot(tmp_path):
     run_fit(tmp_path, TrainParams(epochs=1, peak_epoch=1, device="cpu"))
-    (tmp_path / "dvc.yaml").write_text(
-        "plots:\n  - lr_schedule:\n      x: step\n      y:\n        reports/train/plots/custom/lr_schedule.json: lr\n"
-    )
-    dvc = [sys.executable, "-m", "dvc"]
-    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
-    shown = subprocess.run([*dvc, "plots", "show", "--json"], cwd=tmp_path, check=True, capture_output=True, text=True)
-    rendered = json.loads(shown.stdout)
-    assert "errors" not in rendered
-    [plot] = rendered["data"]["lr_schedule"]
-    points = [(p["step"], p["lr"]) for p in plot["content"]["data"]["values"]]
+    values = dvc_plot_values(tmp_path, "lr_schedule", "step", "reports/train/plots/custom/lr_schedule.json", "lr")
+    points = [(p["step"], p["lr"]) for p in values]
     records = json.loads((tmp_path / "reports/train/plots/custom/lr_schedule.json").read_text())
     assert points == [(r["step"], r["lr"]) for r in records] and len(points) == 4

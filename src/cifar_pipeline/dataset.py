@@ -84,18 +84,21 @@ def _subset(images: np.ndarray, labels: np.ndarray, size: int | None, key: str, 
     return images[index], labels[index]
 
 
+def load_test_split(data_dir: str | Path, data: DataParams, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The test arrays a run uses (data.test_subset applied), without reading the train split."""
+    images, labels = load_split(data_dir, "test")
+    return _subset(images, labels, data.test_subset, "data.test_subset", "test", (seed, 1))
+
+
 def load_splits(data_dir: str | Path, data: DataParams, seed: int) -> Splits:
     """The train/val/test arrays a run uses: subsets per data.train_subset / data.test_subset, then data.val_size
     class-balanced train images held out for validation. Every choice keeps the original order."""
     train_images, train_labels = load_split(data_dir, "train")
-    test_images, test_labels = load_split(data_dir, "test")
     # One random stream per choice, so changing one setting does not reshuffle the others.
     train_images, train_labels = _subset(
         train_images, train_labels, data.train_subset, "data.train_subset", "train", (seed, 0)
     )
-    test_images, test_labels = _subset(
-        test_images, test_labels, data.test_subset, "data.test_subset", "test", (seed, 1)
-    )
+    test_images, test_labels = load_test_split(data_dir, data, seed)
     if data.val_size >= len(train_labels):
         raise PipelineError(
             f"data.val_size = {data.val_size} leaves no training images ({len(train_labels)} in the train split)"

@@ -20,7 +20,7 @@ from torch import nn
 
 from cifar_pipeline.atomic import save_figure, write_json, write_text
 from cifar_pipeline.checkpoint import load_checkpoint, model_from_checkpoint
-from cifar_pipeline.dataset import load_splits
+from cifar_pipeline.dataset import CLASSES, load_test_split
 from cifar_pipeline.engine import pick_device
 from cifar_pipeline.errors import PipelineError, require_inputs
 from cifar_pipeline.params import Params
@@ -267,15 +267,15 @@ def run_report(params: Params) -> None:
     started = time.perf_counter()
     require_inputs(INPUTS)
     ckpt = load_checkpoint(MODEL)
-    splits = load_splits(DATA_DIR, params.data, params.seed)
+    test_images, test_labels = load_test_split(DATA_DIR, params.data, params.seed)
     classes = list(ckpt["classes"])
-    if list(splits.classes) != classes:
+    if list(CLASSES) != classes:
         raise PipelineError(
-            f"{MODEL} was trained on classes {classes} but {DATA_DIR} has {list(splits.classes)}: rerun the train stage"
+            f"{MODEL} was trained on classes {classes} but {DATA_DIR} has {list(CLASSES)}: rerun the train stage"
         )
     model = model_from_checkpoint(ckpt)
     device = pick_device(params.train.device)
-    images, labels = splits.test_images, np.asarray(splits.test_labels, dtype=np.int64)
+    images, labels = test_images, np.asarray(test_labels, dtype=np.int64)
     preds, confidences = predict(model, images, ckpt["mean"], ckpt["std"], device)
 
     accuracy = per_class_accuracy(labels, preds, classes)

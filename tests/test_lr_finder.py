@@ -42,6 +42,20 @@ def test_steepest_is_where_the_loss_falls_fastest():
     assert suggest(curve(-4.0, noise=0.005, blowup=-2.0)) == pytest.approx(1e-4, rel=0.25)
 
 
+def test_minimum_is_a_tenth_of_the_lr_of_the_lowest_loss():
+    result = curve(-3.0, noise=0.01, blowup=-1.0)
+    lowest = result["lr"][int(np.argmin(result["loss"]))]
+    assert suggest(result, "minimum") == pytest.approx(lowest / 10, rel=1e-12)
+    assert 10**-2 < lowest < 10**-1  # the descent ends before the blow-up
+
+
+def test_minimum_below_the_range_asks_for_a_lower_start_lr():
+    result = curve(-3.0, blowup=-1.0)
+    lowest = result["lr"][int(np.argmin(result["loss"]))]
+    with pytest.raises(PipelineError, match="a tenth of the LR of the lowest loss .* lr_find.start_lr"):
+        lr_finder.suggest_lr(result, "minimum", lowest / 5, END, N)  # a start_lr within a decade of the lowest
+
+
 def test_valley_is_inside_the_descent_before_the_minimum():
     result = curve(-3.0, noise=0.01, blowup=-1.0)
     valley = suggest(result, "valley")

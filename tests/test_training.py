@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from cifar_pipeline import engine, training
 from cifar_pipeline.data import CifarDataset, make_loader, set_epoch
 from cifar_pipeline.errors import MissingInputError, PipelineError
 from cifar_pipeline.gpu_augment import make_eval_loader, make_train_loader
-from cifar_pipeline.params import AugmentParams, TrainParams, parse_params
+from cifar_pipeline.params import AugmentParams, ModelParams, TrainParams, parse_params
 from cifar_pipeline.transforms import test_transforms
 
 CPU = engine.Runtime(torch.device("cpu"))
@@ -132,9 +133,50 @@ def test_pick_device_refuses_a_missing_device():
         engine.pick_device("cuda")
 
 
-def test_cpu_runtime_is_plain_fp32():
-    runtime = engine.make_runtime(TrainParams(device="cpu", amp=True, channels_last=True))
+def test_cpu_runtime_is_fp32_unless_bf16_is_asked_for():
+    runtime = engine.make_runtime(TrainParams(device="cpu"))
+    assert runtime == engine.Runtime(torch.device("cpu"), None, True)
+    runtime = engine.make_runtime(TrainParams(device="cpu", precision="fp32", channels_last=False))
     assert runtime == engine.Runtime(torch.device("cpu"), None, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CI machine may lack bf16 hardware: that is only a warning
+        runtime = engine.make_runtime(TrainParams(device="cpu", precision="bf16"))
+    assert runtime.amp_dtype == torch.bfloat16
+
+
+def test_cpu_bf16_without_hardware_support_warns(monkeypatch):
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no bf16 hardware"):
+        engine.make_runtime(TrainParams(device="cpu", precision="bf16"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_fp16_off_cuda_is_refused_with_the_key():
+    with pytest.raises(PipelineError, match="train.precision fp16 needs CUDA"):
+        engine.make_runtime(TrainParams(device="cpu", precision="fp16"))
+
+
+def test_cpu_bf16_step_matches_fp32_closely_and_leaves_fp32_weights():
+    """bf16 autocast on the CPU trains the same model: fp32 weights and grads, a loss close to fp32's."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    losses = {}
+    for dtype in (None, torch.bfloat16):
+        runtime = engine.Runtime(torch.device("cpu"), dtype, True)
+        model = engine.new_model(ModelParams(name="dilated_net"), 0, runtime)
+        optimizer = engine.make_optimizer(model, 1e-3, 0.0, runtime)
+        loss, logits = engine.train_step(
+            model,
+            *runtime.to_device(images, labels),
+            optimizer,
+            nn.CrossEntropyLoss(),
+            engine.make_scaler(runtime),
+            runtime,
+        )
+        losses[dtype] = loss.item()
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert logits.dtype == (dtype or torch.float32)
+    assert losses[torch.bfloat16] == pytest.approx(losses[None], rel=0.02)
 
 
 @pytest.mark.parametrize(("epochs", "peak_epoch", "steps"), [(4, 2, 5), (3, 3, 4), (1, 1, 6)])

@@ -120,7 +120,7 @@ def suggest_index(lrs: list[float], losses: list[float], rule: str, lo: int = 0,
         first = max(0, last - length)
         third = (last - first) / 3
         return first + int(third) + int(third / 2)
-    raise PipelineError(f"lr_find.rule must be steepest or valley, got {rule!r}")
+    raise PipelineError(f"lr_find.rule must be steepest or valley here, got {rule!r}")
 
 
 def suggest_lr(result: dict[str, Any], rule: str, start_lr: float, end_lr: float, num_iter: int) -> float:
@@ -156,6 +156,14 @@ def suggest_lr(result: dict[str, Any], rule: str, start_lr: float, end_lr: float
             f"the loss was still falling at the end of the LR range test (lowest at lr {lrs[lowest]:.3g}): "
             f"set a higher lr_find.end_lr (now {end_lr:g}) in params.yaml ({see})"
         )
+    if rule == "minimum":
+        # fastai's "minimum": a tenth of the LR of the lowest loss, a step back from where training turns unstable.
+        if lrs[lowest] / 10 < start_lr:
+            raise PipelineError(
+                f"a tenth of the LR of the lowest loss ({lrs[lowest]:.3g}) is below the range test's start: set a "
+                f"lower lr_find.start_lr (now {start_lr:g}) in params.yaml ({see})"
+            )
+        return float(lrs[lowest]) / 10
     # Only the descent counts: past the lowest loss, a dip in the noisy climb is no place to train at.
     index = suggest_index(lrs, losses, rule, lo, min(hi, lowest + 1))
     if index <= lo:

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cifar_pipeline.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
+# Keys that older params.yaml files may still hold, and what replaced them.
+RENAMED = {"train.amp": "train.precision (auto | fp32 | bf16 | fp16; amp: true is auto, amp: false is fp32)"}
 
 
 class ParamsError(PipelineError):
@@ -90,7 +92,7 @@ class LrFindParams(_Section):
     num_iter: int = Field(default=200, ge=10)
     smooth: float = Field(default=0.05, gt=0.0, le=1.0)
     diverge_threshold: float = Field(default=5.0, gt=1.0)
-    rule: Literal["steepest", "valley"] = "steepest"
+    rule: Literal["steepest", "valley", "minimum"] = "steepest"
 
     @model_validator(mode="after")
     def _range_increases(self) -> LrFindParams:
@@ -107,7 +109,7 @@ class TrainParams(_Section):
     div_factor: float = Field(default=100.0, ge=1.0)
     weight_decay: float = Field(default=1e-4, ge=0.0)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    amp: bool = True
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     deterministic: bool = False
 
@@ -169,6 +171,8 @@ def _describe(error: dict) -> tuple[str, str, str]:
         known = list(model.model_fields) if model else []
         hint = difflib.get_close_matches(keys[-1], known, n=1)
         message = "unknown key"
+        if key in RENAMED:
+            return key, "", f"{message}: replaced by {RENAMED[key]}"
         if hint:
             message += f" (did you mean '{'.'.join((*keys[:-1], hint[0]))}'?)"
         return key, "", message + f"; allowed keys here: {', '.join(known)}"

@@ -120,7 +120,7 @@ def suggest_index(lrs: list[float], losses: list[float], rule: str, lo: int = 0,
         first = max(0, last - length)
         third = (last - first) / 3
         return first + int(third) + int(third / 2)
-    raise PipelineError(f"lr_find.rule must be steepest or valley here, got {rule!r}")
+    raise PipelineError(f"suggest_index takes steepest or valley (suggest_lr handles minimum), got {rule!r}")
 
 
 def suggest_lr(result: dict[str, Any], rule: str, start_lr: float, end_lr: float, num_iter: int) -> float:

@@ -62,7 +62,7 @@ class DataParams(_Section):
 
 class ModelParams(_Section):
     name: str = "custom_resnet"
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     downsample: Literal["stride", "dilation"] = "stride"
 
     @field_validator("name")

@@ -21,7 +21,7 @@ def conv_bn(in_channels: int, out_channels: int, dropout: float, pool: bool = Fa
 class CustomResNet(nn.Module):
     residual_branches = ("res1", "res2")  # added to their input in forward(); the receptive-field table notes them
 
-    def __init__(self, dropout: float = 0.05, num_classes: int = 10):
+    def __init__(self, dropout: float = 0.0, num_classes: int = 10):
         super().__init__()
         self.prep = nn.Sequential(*conv_bn(3, 64, dropout))  # 64x32x32
         self.layer1 = nn.Sequential(*conv_bn(64, 128, dropout, pool=True))  # 128x16x16

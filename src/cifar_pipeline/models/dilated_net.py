@@ -35,7 +35,7 @@ def conv_bn(
 
 
 class DilatedNet(nn.Module):
-    def __init__(self, dropout: float = 0.05, downsample: str = "stride", num_classes: int = 10):
+    def __init__(self, dropout: float = 0.0, downsample: str = "stride", num_classes: int = 10):
         super().__init__()
         if downsample not in DOWNSAMPLE_MODES:
             raise ValueError(f"downsample must be one of {DOWNSAMPLE_MODES}, got {downsample!r}")

@@ -17,6 +17,7 @@ def test_shipped_params_file_is_valid_and_holds_the_specified_recipe():
     assert params.train.peak_epoch == 5
     assert params.train.max_lr == "auto"
     assert params.model.name == "custom_resnet"
+    assert params.model.dropout == 0.0
     assert params.augment.hole_size == 16
     assert params.data.md5 == "c58f30108f718f92721af3b95e74349a"
 

@@ -166,13 +166,13 @@ def _describe(error: dict) -> tuple[str, str, str]:
     keys, _ = _field_path(error["loc"])
     key = ".".join(keys) or "(top level)"
     if error["type"] == "extra_forbidden":
+        message = "unknown key"
+        if key in RENAMED:
+            return key, "", f"{message}: replaced by {RENAMED[key]}"
         section, _ = _field_path(keys[:-1])
         _, model = _field_path(section) if section else ((), Params)
         known = list(model.model_fields) if model else []
         hint = difflib.get_close_matches(keys[-1], known, n=1)
-        message = "unknown key"
-        if key in RENAMED:
-            return key, "", f"{message}: replaced by {RENAMED[key]}"
         if hint:
             message += f" (did you mean '{'.'.join((*keys[:-1], hint[0]))}'?)"
         return key, "", message + f"; allowed keys here: {', '.join(known)}"

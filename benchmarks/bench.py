@@ -16,6 +16,9 @@ not depend on the content), with the same model, batch size and device, the best
   loader  the loaders alone: Albumentations at our worker count and at 2, and the device loader (gpu backend).
   eval    evaluation: the notebook's (2 workers, .item() per batch) and engine.evaluate with each backend.
   stage   each `dvc repro` stage's wall time, from the wall_time_s of its outputs beside the params file.
+  ceiling the most images/s the device could train at: its measured matmul peak (fp32, and bf16 where it has bf16
+          hardware) over the model's conv and matmul FLOPs for one train image (forward and backward). A step row
+          near its ceiling has nothing left to gain in that precision.
 """
 
 from __future__ import annotations
@@ -35,11 +38,13 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
 
 from cifar_pipeline.atomic import write_json
 from cifar_pipeline.data import resolve_num_workers, set_epoch
 from cifar_pipeline.engine import (
     Runtime,
+    cpu_has_native_bf16,
     evaluate,
     make_optimizer,
     make_runtime,
@@ -303,6 +308,42 @@ def eval_rows(setup: Setup) -> list[dict[str, Any]]:
     return rows
 
 
+def train_gflop_per_image(model: nn.Module, batch: int = 8) -> float:
+    """Conv and matmul GFLOPs of one train image: forward, and backward as autograd runs it (no input gradient)."""
+    images, labels = torch.zeros(batch, 3, 32, 32), torch.zeros(batch, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        nn.functional.cross_entropy(model(images), labels).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch / 1e9
+
+
+def matmul_gflop_per_s(setup: Setup, dtype: torch.dtype, size: int = 4096) -> float:
+    """The device's dense matmul rate in `dtype`, best of setup.repeats: what its conv kernels can at most reach."""
+    a = torch.randn(size, size, device=setup.device).to(dtype)
+    b = torch.randn(size, size, device=setup.device).to(dtype)
+    a @ b
+    return 2 * size**3 / best_time(setup, torch.matmul, a, b) / 1e9
+
+
+def ceiling_rows(setup: Setup) -> list[dict[str, Any]]:
+    """One row per precision the device has hardware for. On CUDA, cuDNN runs fp32 convs as TF32 by default, so a
+    fp32 step may pass the fp32 (true fp32 matmul) ceiling there."""
+    model = build_model(setup.params.model.name, **model_kwargs(setup.params.model))
+    gflop = train_gflop_per_image(model)
+    if setup.device.type == "cuda":
+        has_bf16 = torch.cuda.is_bf16_supported()
+    else:
+        has_bf16 = setup.device.type == "cpu" and cpu_has_native_bf16()
+    rows = []
+    for name, dtype in [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if has_bf16 else []):
+        peak = matmul_gflop_per_s(setup, dtype)
+        seconds = setup.batch_size * gflop / peak
+        note = f"{peak:,.0f} GFLOP/s matmul, {gflop:.3f} GFLOP a train image"
+        ceiling = row("ceiling", f"{name} matmul peak / model FLOPs", setup.batch_size, seconds, note)
+        rows.append({**ceiling, "gflop_per_image": round(gflop, 4), "peak_gflop_per_s": round(peak, 1)})
+    return rows
+
+
 def stage_rows(project: Path) -> list[dict[str, Any]]:
     rows = []
     for stage, path in STAGE_TIMES.items():
@@ -362,7 +403,9 @@ def main() -> None:
     parser.add_argument("--workers", default=None, help="our loader's workers; default: data.num_workers")
     parser.add_argument("--variants", action="store_true", help="also train fp32/bf16 x NCHW/channels_last")
     parser.add_argument("--compile", action="store_true", help="with --variants: each variant compiled too")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["train", "step", "loader", "eval", "stage"])
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["train", "step", "loader", "eval", "stage", "ceiling"]
+    )
     parser.add_argument("--out", default="benchmarks/results.json")
     args = parser.parse_args()
 
@@ -401,6 +444,8 @@ def main() -> None:
         measured(*loader_rows(Setup(params, runtime, loader_images, loader_labels, 0, args.repeats, workers)))
     if "eval" not in args.skip:
         measured(*eval_rows(setup))
+    if "ceiling" not in args.skip:
+        measured(*ceiling_rows(setup))
     if "stage" not in args.skip:
         measured(*stage_rows(Path(args.params).resolve().parent))
 

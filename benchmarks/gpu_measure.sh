@@ -119,5 +119,5 @@ run default-gpu-backend-minimum augment.backend=gpu lr_find.rule=minimum
 run default-gpu-backend-max-lr-0.002 augment.backend=gpu train.max_lr=0.002
 run default-gpu-backend-max-lr-0.005 augment.backend=gpu train.max_lr=0.005
 
-tar -czf "$out/results.tar.gz" results
+# run and the profile above keep results.tar.gz up to date.
 echo "=== results in $out/results.tar.gz"

@@ -62,12 +62,11 @@ def main() -> None:
     total = sum(getattr(op, f"self_{kind}_time_total") for op in ops)
     # Inclusive times: the top-level conv ops hold their kernels (oneDNN or cuDNN), forward and backward.
     conv = sum(getattr(op, f"{kind}_time_total") for op in ops if op.key in CONV_OPS)
-    where = "device" if cuda else "CPU"
     print(
         f"{model_params.name}, batch {batch_size}, {args.steps} steps on {runtime.device} "
         f"({train.precision} precision, {'channels_last' if runtime.channels_last else 'NCHW'}): "
-        f"{total / 1e6 / args.steps:.3f} s of {where} time a step, {batch_size * args.steps / (total / 1e6):.1f} "
-        f"images/s of {where} time; convolutions {100 * conv / total:.1f}% of it"
+        f"{total / 1e6 / args.steps:.3f} s of {kind} time a step, {batch_size * args.steps / (total / 1e6):.1f} "
+        f"images/s of {kind} time; convolutions {100 * conv / total:.1f}% of it"
     )
 
 

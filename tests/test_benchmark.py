@@ -88,16 +88,17 @@ def load_bench():
 
 
 def test_train_flops_count_forward_and_weight_gradients_but_no_input_gradient():
+    bench = load_bench()
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
     # Forward: 2 FLOPs per multiply-add. Backward: the weight gradient only, the images need none.
-    assert load_bench().train_gflop_per_image(model) * 1e9 == pytest.approx(2 * (2 * 3072 * 10))
+    assert bench.train_gflop_per_image(model) * 1e9 == pytest.approx(2 * (2 * 3072 * 10))
     assert all(p.grad is None for p in model.parameters())
 
     conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 32 * 32, 10))
     first, second, linear = 2 * 32 * 32 * 3 * 8 * 9, 2 * 32 * 32 * 8 * 4, 2 * 4096 * 10
     # Every layer after the first also passes a gradient back to its input: the same FLOPs again.
     expected = 2 * first + 3 * second + 3 * linear
-    assert load_bench().train_gflop_per_image(conv) * 1e9 == pytest.approx(expected)
+    assert bench.train_gflop_per_image(conv) * 1e9 == pytest.approx(expected)
 
 
 def test_profile_step_shows_the_ops_and_the_share_of_convolutions(tmp_path):

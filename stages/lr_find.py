@@ -3,6 +3,7 @@
 import time
 
 from cifar_pipeline import lr_finder
+from cifar_pipeline.atomic import write_json
 from cifar_pipeline.data import resolve_num_workers
 from cifar_pipeline.dataset import DATA_DIR, load_splits
 from cifar_pipeline.engine import make_runtime, new_model, seed_everything
@@ -13,6 +14,7 @@ from cifar_pipeline.stats import STATS_FILE, load_stats
 
 JSON_PATH = "reports/lr_find.json"
 PLOT_PATH = "reports/lr_find.png"
+TIME_PATH = "reports/lr_find_time.json"
 
 
 def main() -> None:
@@ -52,14 +54,15 @@ def main() -> None:
         weight_decay=params.train.weight_decay,
     )
     try:
-        suggested = lr_finder.suggest_lr(result, cfg.rule, cfg.start_lr, cfg.end_lr, cfg.num_iter)
+        suggested = lr_finder.suggest_lr(result, cfg)
     except PipelineError:
         # Leave the curve behind for the user to look at; DVC does not record a failed stage's outputs.
-        lr_finder.save_plot(PLOT_PATH, result, None, cfg.rule)
-        lr_finder.save_results(JSON_PATH, result, None, cfg.rule, cfg.num_iter, time.perf_counter() - started)
+        lr_finder.save_plot(PLOT_PATH, result, None, cfg)
+        lr_finder.save_results(JSON_PATH, result, None, cfg.rule, cfg.num_iter)
         raise
-    lr_finder.save_plot(PLOT_PATH, result, suggested, cfg.rule)
-    lr_finder.save_results(JSON_PATH, result, suggested, cfg.rule, cfg.num_iter, time.perf_counter() - started)
+    lr_finder.save_plot(PLOT_PATH, result, suggested, cfg)
+    lr_finder.save_results(JSON_PATH, result, suggested, cfg.rule, cfg.num_iter)
+    write_json(TIME_PATH, {"wall_time_s": round(time.perf_counter() - started, 3)})
     stop = "diverged" if result["diverged"] else "ran to the end"
     print(f"suggested max LR {suggested:.4g} ({cfg.rule} rule); the test {stop} after {len(result['lr'])} steps")
 

@@ -13,6 +13,7 @@ from test_training import CPU, loader, tiny_model
 
 from cifar_pipeline import lr_finder
 from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.params import LrFindParams
 
 START, END, N = 1e-7, 10.0, 200
 
@@ -33,8 +34,68 @@ def curve(center: float, noise: float = 0.0, blowup: float | None = None, thresh
     return {"lr": list(10 ** x[:n]), "loss": list(loss[:n]), "raw_loss": list(loss[:n]), "diverged": diverged}
 
 
-def suggest(result: dict, rule: str = "steepest") -> float:
-    return lr_finder.suggest_lr(result, rule, START, END, N)
+def suggest(result: dict, rule: str = "steepest", **cfg) -> float:
+    return lr_finder.suggest_lr(result, LrFindParams(rule=rule, start_lr=START, end_lr=END, num_iter=N, **cfg))
+
+
+STEP = 10 ** (np.log10(END / START) / (N - 1))  # the ratio of two neighbouring LRs of the range
+
+
+def v_curve(lowest_lr: float, noise: float = 0.0, seed: int = 0) -> dict:
+    """A range-test result with a known lowest point: the raw loss falls linearly in log(lr) down to `lowest_lr` and
+    rises as steeply after it, until range_test's divergence check (on the lagging average) stops it."""
+    x = np.log10(np.geomspace(START, END, N))
+    raw = 1.0 + 0.5 * np.abs(x - np.log10(lowest_lr))
+    raw += noise * np.random.default_rng(seed).normal(size=N)
+    smoothed = lagging_average(raw, 0.05)
+    n = next((i + 1 for i in range(N) if smoothed[i] > 5 * smoothed[: i + 1].min()), N)
+    return {"lr": list(10 ** x[:n]), "loss": list(smoothed[:n]), "raw_loss": list(raw[:n]), "diverged": n < N}
+
+
+def test_descent_end_is_the_lowest_point_of_the_raw_loss():
+    assert suggest(v_curve(1e-3), "descent_end") == pytest.approx(1e-3, rel=STEP - 1)
+    assert suggest(v_curve(0.03), "descent_end") == pytest.approx(0.03, rel=STEP - 1)
+    # The lagging average that range_test records as "loss" puts its lowest point most of a decade higher.
+    assert suggest(v_curve(1e-3), "minimum") * 10 > 1e-3 * STEP**10
+
+
+def test_descent_end_divides_by_the_divisor():
+    assert suggest(v_curve(1e-3), "descent_end", divisor=3) == suggest(v_curve(1e-3), "descent_end") / 3
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_descent_end_on_a_noisy_curve_stays_within_a_few_points(seed):
+    noisy = v_curve(1e-3, noise=0.1, seed=seed)  # noise of a third of the fall over a decade
+    assert suggest(noisy, "descent_end") == pytest.approx(1e-3, rel=STEP**3 - 1)
+
+
+def test_descent_end_without_a_turn_up_asks_for_a_higher_end_lr():
+    with pytest.raises(PipelineError, match="still falling at the .*higher lr_find.end_lr"):
+        suggest(curve(-3.0, noise=0.003), "descent_end")  # levels off, never rises, never diverges
+
+
+def test_centred_average_has_no_lag():
+    raw = np.abs(np.arange(100) - 60.0) / 10 + 1  # a V with its lowest point at index 60
+    assert int(np.argmin(lr_finder.centred_average(list(raw), 0.05))) == 60
+    assert int(np.argmin(lagging_average(raw, 0.05))) > 65  # where the lagging average puts it
+
+
+def test_centred_average_spans_1_over_smooth_points_and_at_most_a_fifth_of_a_short_curve():
+    step = [0.0] * 100 + [1.0] * 100
+    changed = np.flatnonzero(np.diff(lr_finder.centred_average(step, 0.05)))
+    assert changed.min() == 89 and changed.max() == 109  # 10 points either side of the step at 99/100
+    short = [0.0] * 15 + [1.0] * 15  # a 30-step range test: 3 points either side, not 10
+    changed = np.flatnonzero(np.diff(lr_finder.centred_average(short, 0.05)))
+    assert changed.min() == 11 and changed.max() == 17
+
+
+def lagging_average(raw, smooth: float) -> np.ndarray:
+    """The bias-corrected moving average that range_test records as "loss"."""
+    average, out = 0.0, []
+    for i, value in enumerate(raw):
+        average = (1 - smooth) * average + smooth * value
+        out.append(average / (1 - (1 - smooth) ** (i + 1)))
+    return np.array(out)
 
 
 def test_steepest_is_where_the_loss_falls_fastest():
@@ -53,7 +114,8 @@ def test_minimum_below_the_range_asks_for_a_lower_start_lr():
     result = curve(-3.0, blowup=-1.0)
     lowest = result["lr"][int(np.argmin(result["loss"]))]
     with pytest.raises(PipelineError, match="a tenth of the LR of the lowest loss .* lr_find.start_lr"):
-        lr_finder.suggest_lr(result, "minimum", lowest / 5, END, N)  # a start_lr within a decade of the lowest
+        # a start_lr within a decade of the lowest
+        lr_finder.suggest_lr(result, LrFindParams(rule="minimum", start_lr=lowest / 5, end_lr=END, num_iter=N))
 
 
 def test_valley_is_inside_the_descent_before_the_minimum():
@@ -70,13 +132,14 @@ def test_a_descent_at_the_start_of_the_range_asks_for_a_lower_start_lr(rule):
         suggest(curve(-7.5, blowup=-5.5), rule)
 
 
-def test_a_minimum_at_the_start_of_the_range_asks_for_a_lower_start_lr():
+@pytest.mark.parametrize("rule", ["descent_end", "steepest", "minimum"])
+def test_a_minimum_at_the_start_of_the_range_asks_for_a_lower_start_lr(rule):
     result = curve(-9.0, blowup=-6.6, threshold=1e9)  # falls over the first points, then only climbs
     with pytest.raises(PipelineError, match="lowest at the low end.*lower lr_find.start_lr"):
-        suggest(result)
+        suggest(result, rule)
 
 
-@pytest.mark.parametrize("rule", ["steepest", "valley"])
+@pytest.mark.parametrize("rule", ["descent_end", "steepest", "valley"])
 @pytest.mark.parametrize("center", [0.0, 1.0])
 def test_a_loss_still_falling_at_the_end_asks_for_a_higher_end_lr(rule, center):
     with pytest.raises(PipelineError, match="still falling at the .*higher lr_find.end_lr"):
@@ -131,9 +194,9 @@ def test_range_test_stops_when_the_loss_diverges():
 def test_results_file_is_a_curve_dvc_can_plot(tmp_path):
     result = curve(-3.0, blowup=-1.0)
     path = tmp_path / "reports/lr_find.json"
-    lr_finder.save_results(path, result, 1e-3, "steepest", N, 12.5)
+    lr_finder.save_results(path, result, 1e-3, "steepest", N)
     saved = json.loads(path.read_text())
-    assert saved["suggested_lr"] == 1e-3 and saved["rule"] == "steepest" and saved["wall_time_s"] == 12.5
+    assert saved["suggested_lr"] == 1e-3 and saved["rule"] == "steepest" and "wall_time_s" not in saved
     assert saved["num_iter"] == N and saved["num_iter_run"] == len(result["lr"]) and saved["diverged"]
     assert [r["lr"] for r in saved["curve"]] == result["lr"]
     assert [r["loss"] for r in saved["curve"]] == result["loss"]
@@ -150,12 +213,19 @@ def test_the_stage_writes_the_curve_the_plot_and_a_suggestion(tmp_path):
     assert result.returncode == 0, result.stderr
     saved = json.loads((root / "reports/lr_find.json").read_text())
     cfg = PARAMS["lr_find"]
-    assert saved["rule"] == "steepest" and saved["num_iter"] == cfg["num_iter"]
+    assert saved["rule"] == "descent_end" and saved["num_iter"] == cfg["num_iter"]
     lrs = [r["lr"] for r in saved["curve"]]
     assert lrs[0] == cfg["start_lr"] and lrs == sorted(lrs) and len(lrs) == saved["num_iter_run"]
     assert lrs[3] < saved["suggested_lr"] < lrs[-2]
     assert f"suggested max LR {saved['suggested_lr']:.4g}" in result.stdout
     assert (root / "reports/lr_find.png").read_bytes().startswith(b"\x89PNG")
+    assert json.loads((root / "reports/lr_find_time.json").read_text())["wall_time_s"] > 0
+
+    # The train stage depends on lr_find.json: a rerun on the CPU must leave it byte for byte the same, or DVC would
+    # retrain for nothing (the wall time, which differs on every run, lives in lr_find_time.json).
+    first = (root / "reports/lr_find.json").read_bytes()
+    assert run_stage(root, "lr_find").returncode == 0
+    assert (root / "reports/lr_find.json").read_bytes() == first
 
 
 def test_the_stage_refuses_a_range_that_misses_the_descent(tmp_path):

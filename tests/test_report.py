@@ -127,7 +127,8 @@ def make_project(root: Path) -> dict:
     lrs = np.geomspace(1e-5, 1.0, 12)
     losses = 2.3 - 0.1 * np.arange(12)
     result = {"lr": lrs.tolist(), "loss": losses.tolist(), "raw_loss": (losses + 0.05).tolist(), "diverged": False}
-    save_results(reports / "lr_find.json", result, MAX_LR, "steepest", 12, WALL_TIMES["lr-find"])
+    save_results(reports / "lr_find.json", result, MAX_LR, "steepest", 12)
+    (reports / "lr_find_time.json").write_text(json.dumps({"wall_time_s": WALL_TIMES["lr-find"]}))
     return {"logged": logged, "extra": extra}
 
 

@@ -23,6 +23,7 @@ from cifar_pipeline.atomic import save_figure, write_json
 from cifar_pipeline.data import set_epoch
 from cifar_pipeline.engine import Runtime, loader_batches, make_optimizer, make_scaler, train_step
 from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.params import LrFindParams
 
 # The bias-corrected average still follows single batches over its first points (about 1/smooth of them): their
 # slope is noise, so the steepest rule skips them, and a suggestion there means the range starts too late.
@@ -123,8 +124,23 @@ def suggest_index(lrs: list[float], losses: list[float], rule: str, lo: int = 0,
     raise PipelineError(f"suggest_index takes steepest or valley (suggest_lr handles minimum), got {rule!r}")
 
 
-def suggest_lr(result: dict[str, Any], rule: str, start_lr: float, end_lr: float, num_iter: int) -> float:
-    """The suggested max LR, or a PipelineError saying which end of the range to widen."""
+def centred_average(raw_losses: list[float], smooth: float) -> np.ndarray:
+    """Each raw loss replaced by the mean of those within round(1 / (2 * smooth)) points either side (fewer at the
+    ends of the curve, and at most a tenth of the curve either side, so that a short range test keeps its shape).
+
+    It averages about as many points as the moving average (weight `smooth`) does, but centred: that average lags
+    the loss by (1 - smooth) / smooth points (19 at 0.05: 0.75 decades of LR at the default 25 points a decade),
+    which moves its lowest point to a higher LR. A median would be more robust to single bad batches, but it
+    flattens the bottom of a V into a plateau whose first point lies half a window below the true lowest point.
+    """
+    raw = np.asarray(raw_losses, dtype=float)
+    half = max(1, min(round(1 / (2 * smooth)), len(raw) // 10))
+    return np.array([raw[max(0, i - half) : i + half + 1].mean() for i in range(len(raw))])
+
+
+def suggest_lr(result: dict[str, Any], cfg: LrFindParams) -> float:
+    """The suggested max LR by `cfg.rule`, or a PipelineError saying which end of the range to widen."""
+    rule, start_lr, end_lr, num_iter = cfg.rule, cfg.start_lr, cfg.end_lr, cfg.num_iter
     lrs, losses, diverged = result["lr"], result["loss"], result["diverged"]
     see = "see reports/lr_find.png"
     # The points a suggestion may come from, counted on the planned range so a diverged run keeps the same margins.
@@ -145,6 +161,10 @@ def suggest_lr(result: dict[str, Any], rule: str, start_lr: float, end_lr: float
             f"the smoothed loss never fell by {MIN_DROP:.0%} between lr {lrs[0]:.3g} and {lrs[-1]:.3g}"
             f"{' before it diverged' if diverged else ''}: {fix} ({see})"
         )
+    if rule == "descent_end":
+        # Smith's rule for cyclical schedules: the max LR is where the loss stops falling (or a small factor below
+        # it). Read off the centred curve: the lagging average would put that point most of a decade too high.
+        losses = centred_average(result["raw_loss"], cfg.smooth).tolist()
     lowest = int(np.argmin(losses))
     if lowest <= lo:
         raise PipelineError(
@@ -164,8 +184,11 @@ def suggest_lr(result: dict[str, Any], rule: str, start_lr: float, end_lr: float
                 f"lower lr_find.start_lr (now {start_lr:g}) in params.yaml ({see})"
             )
         return float(lrs[lowest]) / 10
-    # Only the descent counts: past the lowest loss, a dip in the noisy climb is no place to train at.
-    index = suggest_index(lrs, losses, rule, lo, min(hi, lowest + 1))
+    if rule == "descent_end":
+        index = lowest
+    else:
+        # Only the descent counts: past the lowest loss, a dip in the noisy climb is no place to train at.
+        index = suggest_index(lrs, losses, rule, lo, min(hi, lowest + 1))
     if index <= lo:
         raise PipelineError(
             f"the {rule} point of the LR range test is at the low end of the range (lr {lrs[index]:.3g}): the loss "
@@ -177,14 +200,19 @@ def suggest_lr(result: dict[str, Any], rule: str, start_lr: float, end_lr: float
             f"the {rule} point of the LR range test is at the high end of the range (lr {lrs[index]:.3g}): the loss "
             f"was still falling at the last LRs. Set a higher lr_find.end_lr (now {end_lr:g}) in params.yaml ({see})"
         )
+    if rule == "descent_end":
+        return float(lrs[index]) / cfg.divisor
     return float(lrs[index])
 
 
-def save_results(
-    path: str | Path, result: dict[str, Any], suggested: float | None, rule: str, num_iter: int, wall_time_s: float
-) -> None:
+def save_results(path: str | Path, result: dict[str, Any], suggested: float | None, rule: str, num_iter: int) -> None:
     """reports/lr_find.json: the curve as a list of records under "curve" (the shape `dvc plots` draws), and the
-    suggestion beside it."""
+    suggestion beside it.
+
+    No wall time in it: the train stage depends on this file, and a time that differs on every rerun would make DVC
+    rerun training even when the curve and the suggestion are the same (the stage writes its time to a file of its
+    own, reports/lr_find_time.json).
+    """
     curve = [
         {"lr": lr, "loss": loss, "raw_loss": raw}
         for lr, loss, raw in zip(result["lr"], result["loss"], result["raw_loss"], strict=True)
@@ -197,14 +225,14 @@ def save_results(
             "num_iter": num_iter,
             "num_iter_run": len(curve),
             "diverged": result["diverged"],
-            "wall_time_s": round(wall_time_s, 3),
             "curve": curve,
         },
     )
 
 
-def save_plot(path: str | Path, result: dict[str, Any], suggested: float | None, rule: str) -> None:
-    """Loss against LR on a log axis, the suggestion marked by a vertical line and its value."""
+def save_plot(path: str | Path, result: dict[str, Any], suggested: float | None, cfg: LrFindParams) -> None:
+    """Loss against LR on a log axis: per batch, the moving average, the centred average (what descent_end reads),
+    and the suggestion marked by a vertical line and its value."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,8 +240,12 @@ def save_plot(path: str | Path, result: dict[str, Any], suggested: float | None,
 
     fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
     ax.plot(result["lr"], result["raw_loss"], color="tab:blue", alpha=0.25, linewidth=0.8, label="loss per batch")
-    ax.plot(result["lr"], result["loss"], color="tab:blue", linewidth=2, label="smoothed loss")
+    ax.plot(result["lr"], result["loss"], color="tab:blue", linewidth=2, label="moving average (lags)")
+    centred = centred_average(result["raw_loss"], cfg.smooth) if result["raw_loss"] else np.array([])
+    if len(centred):
+        ax.plot(result["lr"], centred, color="tab:green", linewidth=1.5, label="centred average (no lag)")
     if suggested is not None:
+        rule = cfg.rule + (f", divisor {cfg.divisor:g}" if cfg.rule == "descent_end" and cfg.divisor != 1 else "")
         ax.axvline(suggested, color="tab:red", linestyle="--", label=f"suggested max LR {suggested:.3g} ({rule})")
         ax.annotate(
             f"{suggested:.3g}",
@@ -226,7 +258,8 @@ def save_plot(path: str | Path, result: dict[str, Any], suggested: float | None,
         )
     if result["loss"]:
         # Keep the divergence from squashing the interesting part of the curve.
-        low, start = min(result["loss"]), max(result["loss"][: max(1, len(result["loss"]) // 10)])
+        low = min(min(result["loss"]), float(centred.min()))
+        start = max(result["loss"][: max(1, len(result["loss"]) // 10)])
         ax.set_ylim(low - 0.1 * (start - low + 1e-3), max(start, low) + 0.5 * (start - low + 1e-3))
     ax.set_xscale("log")
     ax.set(xlabel="learning rate (log scale)", ylabel="training loss (cross-entropy)")
@@ -234,5 +267,5 @@ def save_plot(path: str | Path, result: dict[str, Any], suggested: float | None,
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.grid(alpha=0.1, which="minor")
-    ax.legend(loc="lower left")
+    ax.legend(loc="best")
     save_figure(path, fig, dpi=120)

@@ -92,7 +92,8 @@ class LrFindParams(_Section):
     num_iter: int = Field(default=200, ge=10)
     smooth: float = Field(default=0.05, gt=0.0, le=1.0)
     diverge_threshold: float = Field(default=5.0, gt=1.0)
-    rule: Literal["steepest", "valley", "minimum"] = "steepest"
+    rule: Literal["descent_end", "steepest", "valley", "minimum"] = "descent_end"
+    divisor: float = Field(default=1.0, ge=1.0)  # descent_end only: its LR is divided by this
 
     @model_validator(mode="after")
     def _range_increases(self) -> LrFindParams:

@@ -49,7 +49,7 @@ INPUTS = {
 STAGE_TIMES = {
     "download": DATA_DIR / "meta.json",
     "compute-mean-std": Path("data/stats.json"),
-    "lr-find": LR_FIND,
+    "lr-find": Path("reports/lr_find_time.json"),
     "train": TRAIN_LOG / "metrics.json",
 }
 

@@ -54,7 +54,7 @@ from cifar_pipeline.engine import (
     train_epoch,
     train_step,
 )
-from cifar_pipeline.gpu_augment import make_eval_loader, make_train_loader
+from cifar_pipeline.loaders import make_eval_loader, make_train_loader
 from cifar_pipeline.models import build_model, model_kwargs
 from cifar_pipeline.params import Params, load_params
 from cifar_pipeline.report import STAGE_TIMES

@@ -7,7 +7,7 @@ from cifar_pipeline.data import resolve_num_workers
 from cifar_pipeline.dataset import DATA_DIR, load_splits
 from cifar_pipeline.engine import make_runtime, new_model, seed_everything
 from cifar_pipeline.errors import require_inputs, run_stage
-from cifar_pipeline.gpu_augment import make_eval_loader, make_train_loader
+from cifar_pipeline.loaders import make_eval_loader, make_train_loader
 from cifar_pipeline.models import model_kwargs
 from cifar_pipeline.params import load_params
 from cifar_pipeline.plots import save_train_samples

@@ -10,19 +10,11 @@ import numpy as np
 import pytest
 import torch
 from albumentations.augmentations.geometric import functional as fgeometric
-from torch.utils.data import DataLoader
 
 from cifar_pipeline.data import CifarDataset, set_epoch
 from cifar_pipeline.engine import Runtime, evaluate, make_optimizer, make_scaler, make_scheduler, train_epoch
-from cifar_pipeline.gpu_augment import (
-    DeviceDataset,
-    DeviceLoader,
-    Draw,
-    affine_theta,
-    augment_batch,
-    make_eval_loader,
-    make_train_loader,
-)
+from cifar_pipeline.gpu_augment import DeviceDataset, DeviceLoader, Draw, affine_theta, augment_batch
+from cifar_pipeline.loaders import make_eval_loader
 from cifar_pipeline.models import build_model
 from cifar_pipeline.params import AugmentParams
 from cifar_pipeline.plots import denormalize
@@ -272,42 +264,6 @@ def test_a_sample_is_augmented_the_same_whatever_the_batch():
     torch.testing.assert_close(small[0][small[1].argsort()], large[0][large[1].argsort()], rtol=0, atol=0)
     dataset = _loader().dataset
     torch.testing.assert_close(dataset[(7, 2)][0], small[0][small[1] == 7][0], rtol=0, atol=0)
-
-
-def test_device_loader_is_a_drop_in_for_the_albumentations_loader():
-    images, labels = _random_images(33), np.arange(33, dtype=np.int64)
-    for batch_size in (8, 16):  # 33 = 2 x 16 + 1: the lone last sample is dropped
-        loaders = {
-            backend: make_train_loader(
-                images,
-                labels,
-                AugmentParams(backend=backend),
-                MEAN,
-                STD,
-                batch_size=batch_size,
-                seed=5,
-                num_workers=0,
-                device=CPU,
-            )
-            for backend in ("albumentations", "gpu")
-        }
-        assert isinstance(loaders["albumentations"], DataLoader) and isinstance(loaders["gpu"], DeviceLoader)
-        assert len(loaders["gpu"]) == len(loaders["albumentations"])
-        assert len(loaders["gpu"].dataset) == len(loaders["albumentations"].dataset) == 33
-        for epoch in (0, 1):
-            gpu, albumentations = _epoch(loaders["gpu"], epoch), _epoch(loaders["albumentations"], epoch)
-            assert torch.equal(gpu[1], albumentations[1])  # the same shuffle, and the same images dropped
-            assert gpu[0].shape == albumentations[0].shape and gpu[0].dtype == albumentations[0].dtype
-
-
-def test_eval_loaders_are_ordered_and_complete_in_both_backends():
-    images, labels = _random_images(21), np.arange(21, dtype=np.int64)
-    for backend in ("albumentations", "gpu"):
-        loader = make_eval_loader(
-            images, labels, MEAN, STD, backend=backend, batch_size=8, seed=0, num_workers=0, device=CPU
-        )
-        assert len(loader) == 3
-        assert torch.equal(torch.cat([b[1] for b in loader]), torch.arange(21))
 
 
 def test_engine_trains_and_evaluates_from_the_device_loader():

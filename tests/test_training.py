@@ -16,7 +16,7 @@ from torch import nn
 from cifar_pipeline import engine, training
 from cifar_pipeline.data import CifarDataset, make_loader, set_epoch
 from cifar_pipeline.errors import MissingInputError, PipelineError
-from cifar_pipeline.gpu_augment import make_eval_loader, make_train_loader
+from cifar_pipeline.loaders import make_eval_loader, make_train_loader
 from cifar_pipeline.params import AugmentParams, ModelParams, TrainParams, parse_params
 from cifar_pipeline.transforms import test_transforms
 

@@ -21,12 +21,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data import BatchSampler
 
-from cifar_pipeline.data import CifarDataset, EpochSampler, make_loader
+from cifar_pipeline.data import EpochSampler
 from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.params import AugmentParams
-from cifar_pipeline.transforms import _check_stats, test_transforms, train_transforms
+from cifar_pipeline.transforms import _check_stats
 
 # Spawn-key tag of the augmentation stream: data.py names the shuffle order (epoch,) and a sample (epoch, index),
 # with index < 2**32, so (epoch, AUGMENT_STREAM) is a stream of its own.
@@ -204,42 +204,3 @@ class DeviceLoader:
         order = torch.from_numpy(order[: len(self) * self.batch_size]).to(self.dataset.device)
         for index in order.split(self.batch_size):
             yield self.dataset.batch(index, epoch)
-
-
-def make_train_loader(
-    images: np.ndarray,
-    labels: np.ndarray,
-    augment: AugmentParams,
-    mean: Sequence[float],
-    std: Sequence[float],
-    *,
-    batch_size: int,
-    seed: int,
-    num_workers: int,
-    device: torch.device,
-) -> DataLoader | DeviceLoader:
-    """The training loader `augment.backend` asks for: Albumentations in worker processes, or on `device`."""
-    if augment.backend == "gpu":
-        dataset = DeviceDataset(images, labels, mean, std, seed, device, augment)
-        return DeviceLoader(dataset, batch_size, train=True, seed=seed)
-    dataset = CifarDataset(images, labels, train_transforms(augment, mean, std), seed)
-    return make_loader(dataset, batch_size, True, num_workers, seed, pin_memory=device.type == "cuda")
-
-
-def make_eval_loader(
-    images: np.ndarray,
-    labels: np.ndarray,
-    mean: Sequence[float],
-    std: Sequence[float],
-    *,
-    backend: str,
-    batch_size: int,
-    seed: int,
-    num_workers: int,
-    device: torch.device,
-) -> DataLoader | DeviceLoader:
-    """An ordered, normalised, unaugmented loader; with the gpu backend the split lives on `device` too."""
-    if backend == "gpu":
-        return DeviceLoader(DeviceDataset(images, labels, mean, std, seed, device), batch_size, False, seed)
-    dataset = CifarDataset(images, labels, test_transforms(mean, std), seed)
-    return make_loader(dataset, batch_size, False, num_workers, seed, pin_memory=device.type == "cuda")

@@ -11,7 +11,7 @@ not depend on the content), with the same model, batch size and device, the best
           baseline: the usual notebook set-up: fp32, NCHW, no compile, DataLoader(shuffle, 2 workers) over the
           Albumentations pipeline, plain Adam + One Cycle, loss.item() and accuracy .item() every step.
           ours: engine.train_epoch with engine.make_runtime(train params), and the loader of each augment backend.
-          The headline is ours (the params' backend) / baseline.
+          The headline is ours (the backend the params' augment.backend picks on this device) / baseline.
   step    the train step alone, on one batch already on the device: the model's cost without any loader.
   loader  the loaders alone: Albumentations at our worker count and at 2, and the device loader (gpu backend).
   eval    evaluation: the notebook's (2 workers, .item() per batch) and engine.evaluate with each backend.
@@ -54,7 +54,7 @@ from cifar_pipeline.engine import (
     train_epoch,
     train_step,
 )
-from cifar_pipeline.loaders import make_eval_loader, make_train_loader
+from cifar_pipeline.loaders import make_eval_loader, make_train_loader, resolve_backend
 from cifar_pipeline.models import build_model, model_kwargs
 from cifar_pipeline.params import Params, load_params
 from cifar_pipeline.report import STAGE_TIMES
@@ -464,7 +464,7 @@ def main() -> None:
         "load_average": [load_before, round(os.getloadavg()[0], 2)],
         "command": " ".join(["python", *sys.argv]),
         "rows": rows,
-        "ratios": ratios(rows, params.augment.backend),
+        "ratios": ratios(rows, resolve_backend(params.augment.backend, runtime.device)),
     }
     print_table(result)
     write_json(args.out, result)

@@ -7,7 +7,7 @@ from cifar_pipeline.data import resolve_num_workers
 from cifar_pipeline.dataset import DATA_DIR, load_splits
 from cifar_pipeline.engine import make_runtime, new_model, seed_everything
 from cifar_pipeline.errors import require_inputs, run_stage
-from cifar_pipeline.loaders import make_eval_loader, make_train_loader
+from cifar_pipeline.loaders import make_eval_loader, make_train_loader, resolve_backend
 from cifar_pipeline.models import model_kwargs
 from cifar_pipeline.params import load_params
 from cifar_pipeline.plots import save_train_samples
@@ -44,7 +44,8 @@ def main() -> None:
 
     print(
         f"training {params.model.name} on {len(splits.train_labels)} images for {params.train.epochs} epochs on "
-        f"{runtime.device} (max LR {max_lr:.4g} from {max_lr_source})",
+        f"{runtime.device} (max LR {max_lr:.4g} from {max_lr_source}, "
+        f"{resolve_backend(params.augment.backend, runtime.device)} augment backend)",
         flush=True,
     )
     inputs = [STATS_FILE, DATA_DIR / "meta.json"] + ([LR_FIND_PATH] if max_lr_source == "lr-find" else [])

@@ -4,9 +4,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from cifar_pipeline import engine
 from cifar_pipeline.data import set_epoch
 from cifar_pipeline.gpu_augment import DeviceLoader
-from cifar_pipeline.loaders import make_eval_loader, make_train_loader
+from cifar_pipeline.loaders import make_eval_loader, make_train_loader, resolve_backend
 from cifar_pipeline.params import AugmentParams
 
 MEAN = (0.49, 0.48, 0.45)
@@ -58,3 +59,23 @@ def test_eval_loaders_are_ordered_and_complete_in_both_backends():
         )
         assert len(loader) == 3
         assert torch.equal(torch.cat([b[1] for b in loader]), torch.arange(21))
+
+
+def test_auto_backend_is_gpu_on_a_cuda_device_and_albumentations_on_the_cpu(monkeypatch):
+    assert resolve_backend("auto", engine.pick_device("cpu")) == "albumentations"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what pick_device asks: a CUDA machine
+    cuda = engine.pick_device("auto")
+    assert cuda == torch.device("cuda")
+    assert resolve_backend("auto", cuda) == "gpu"
+    for explicit in ("albumentations", "gpu"):  # both stay selectable on either device
+        assert resolve_backend(explicit, cuda) == resolve_backend(explicit, CPU) == explicit
+
+
+def test_auto_backend_builds_the_albumentations_loaders_on_the_cpu():
+    images, labels = _random_images(20), np.arange(20, dtype=np.int64)
+    options = {"batch_size": 8, "seed": 0, "num_workers": 0, "device": CPU}
+    train = make_train_loader(images, labels, AugmentParams(backend="auto"), MEAN, STD, **options)
+    evaluation = make_eval_loader(images, labels, MEAN, STD, backend="auto", **options)
+    assert isinstance(train, DataLoader) and isinstance(evaluation, DataLoader)
+    gpu = make_train_loader(images, labels, AugmentParams(backend="gpu"), MEAN, STD, **options)
+    assert isinstance(gpu, DeviceLoader)

@@ -38,9 +38,9 @@ def main() -> None:
     ):
         if len(labels):  # no val split unless data.val_size > 0
             eval_loaders[split] = make_eval_loader(images, labels, mean, std, backend=params.augment.backend, **loading)
-    save_train_samples(train_loader.dataset, splits.classes, mean, std, "reports/train_samples.png")
+    save_train_samples(train_loader.dataset, splits.classes, "reports/train_samples.png")
     # The Albumentations pipeline is the spec of the augmentations for both backends.
-    save_augmentations(train_transforms(params.augment, mean, std), "reports/augmentations.yaml")
+    save_augmentations(train_transforms(params.augment, mean), "reports/augmentations.yaml")
 
     print(
         f"training {params.model.name} on {len(splits.train_labels)} images for {params.train.epochs} epochs on "

@@ -2,12 +2,11 @@
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from cifar_pipeline import engine
 from cifar_pipeline.data import set_epoch
 from cifar_pipeline.gpu_augment import DeviceLoader
-from cifar_pipeline.loaders import make_eval_loader, make_train_loader, resolve_backend
+from cifar_pipeline.loaders import DeviceBatches, make_eval_loader, make_train_loader, resolve_backend
 from cifar_pipeline.params import AugmentParams
 
 MEAN = (0.49, 0.48, 0.45)
@@ -42,7 +41,7 @@ def test_device_loader_is_a_drop_in_for_the_albumentations_loader():
             )
             for backend in ("albumentations", "gpu")
         }
-        assert isinstance(loaders["albumentations"], DataLoader) and isinstance(loaders["gpu"], DeviceLoader)
+        assert isinstance(loaders["albumentations"], DeviceBatches) and isinstance(loaders["gpu"], DeviceLoader)
         assert len(loaders["gpu"]) == len(loaders["albumentations"])
         assert len(loaders["gpu"].dataset) == len(loaders["albumentations"].dataset) == 33
         for epoch in (0, 1):
@@ -76,6 +75,6 @@ def test_auto_backend_builds_the_albumentations_loaders_on_the_cpu():
     options = {"batch_size": 8, "seed": 0, "num_workers": 0, "device": CPU}
     train = make_train_loader(images, labels, AugmentParams(backend="auto"), MEAN, STD, **options)
     evaluation = make_eval_loader(images, labels, MEAN, STD, backend="auto", **options)
-    assert isinstance(train, DataLoader) and isinstance(evaluation, DataLoader)
+    assert isinstance(train, DeviceBatches) and isinstance(evaluation, DeviceBatches)
     gpu = make_train_loader(images, labels, AugmentParams(backend="gpu"), MEAN, STD, **options)
     assert isinstance(gpu, DeviceLoader)

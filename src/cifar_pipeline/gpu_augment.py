@@ -176,8 +176,8 @@ class DeviceDataset:
 
 
 class DeviceLoader:
-    """Batches of a DeviceDataset in the order of data.py's EpochSampler: a drop-in for make_loader's DataLoader
-    (len, iteration, `.dataset`, `.batch_sampler.sampler.set_epoch`, so data.set_epoch works on it)."""
+    """Batches of a DeviceDataset in the order of data.py's EpochSampler: a drop-in for the Albumentations loader
+    (loaders.DeviceBatches: len, iteration, `.dataset`, `.batch_sampler.sampler.set_epoch` for data.set_epoch)."""
 
     def __init__(
         self, dataset: DeviceDataset, batch_size: int, train: bool, seed: int, drop_last: bool = False

@@ -9,9 +9,10 @@ not depend on the content), with the same model, batch size and device, the best
 
   train   an epoch of --batches batches, loader included (its start too, as in a real epoch), after a warm-up one.
           baseline: the usual notebook set-up: fp32, NCHW, no compile, DataLoader(shuffle, 2 workers) over the
-          Albumentations pipeline, plain Adam + One Cycle, loss.item() and accuracy .item() every step.
+          Albumentations pipeline with Normalize and ToTensorV2 at its end (float32 from the workers), plain Adam +
+          One Cycle, loss.item() and accuracy .item() every step.
           ours: engine.train_epoch with engine.make_runtime(train params), and the loader of each augment backend.
-          The headline is ours (the params' backend) / baseline.
+          The headline is ours (the backend the params' augment.backend picks on this device) / baseline.
   step    the train step alone, on one batch already on the device: the model's cost without any loader.
   loader  the loaders alone: Albumentations at our worker count and at 2, and the device loader (gpu backend).
   eval    evaluation: the notebook's (2 workers, .item() per batch) and engine.evaluate with each backend.
@@ -34,8 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import albumentations as A
 import numpy as np
 import torch
+from albumentations.pytorch import ToTensorV2
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
@@ -54,11 +57,11 @@ from cifar_pipeline.engine import (
     train_epoch,
     train_step,
 )
-from cifar_pipeline.gpu_augment import make_eval_loader, make_train_loader
+from cifar_pipeline.loaders import make_eval_loader, make_train_loader, resolve_backend
 from cifar_pipeline.models import build_model, model_kwargs
 from cifar_pipeline.params import Params, load_params
 from cifar_pipeline.report import STAGE_TIMES
-from cifar_pipeline.transforms import test_transforms, train_transforms
+from cifar_pipeline.transforms import train_transforms
 
 # CIFAR-10 train statistics; the exact values do not change the cost.
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -136,6 +139,11 @@ class NotebookDataset(Dataset):
         return self.transform(image=self.images[i])["image"], self.labels[i]
 
 
+def notebook_transforms(augment: list[A.BasicTransform]) -> A.Compose:
+    """A notebook's pipeline: normalised (Albumentations' Normalize) float32 tensors out of the workers."""
+    return A.Compose([*augment, A.Normalize(mean=MEAN, std=STD, max_pixel_value=255.0), ToTensorV2()])
+
+
 def notebook_loader(dataset: Dataset, batch_size: int, shuffle: bool, device: torch.device) -> DataLoader:
     return DataLoader(dataset, batch_size, shuffle=shuffle, num_workers=2, pin_memory=device.type == "cuda")
 
@@ -190,7 +198,7 @@ def train_baseline(setup: Setup) -> dict[str, Any]:
     model = notebook_model(setup)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=setup.params.train.weight_decay)
     scheduler = one_cycle(optimizer, setup)
-    compose = train_transforms(setup.params.augment, MEAN, STD)
+    compose = notebook_transforms(train_transforms(setup.params.augment, MEAN).transforms)
     loader = notebook_loader(NotebookDataset(setup.images, setup.labels, compose), setup.batch_size, True, setup.device)
     notebook_epoch(model, loader, optimizer, scheduler, setup.device)  # warm-up: first kernels, allocator
     seconds = best_time(setup, notebook_epoch, model, loader, optimizer, scheduler, setup.device)
@@ -284,7 +292,7 @@ def loader_rows(setup: Setup) -> list[dict[str, Any]]:
 
 def eval_rows(setup: Setup) -> list[dict[str, Any]]:
     model = notebook_model(setup)
-    dataset = NotebookDataset(setup.images, setup.labels, test_transforms(MEAN, STD))
+    dataset = NotebookDataset(setup.images, setup.labels, notebook_transforms([]))
     loader = notebook_loader(dataset, setup.batch_size, False, setup.device)
     notebook_eval(model, loader, setup.device)
     seconds = best_time(setup, notebook_eval, model, loader, setup.device)
@@ -464,7 +472,7 @@ def main() -> None:
         "load_average": [load_before, round(os.getloadavg()[0], 2)],
         "command": " ".join(["python", *sys.argv]),
         "rows": rows,
-        "ratios": ratios(rows, params.augment.backend),
+        "ratios": ratios(rows, resolve_backend(params.augment.backend, runtime.device)),
     }
     print_table(result)
     write_json(args.out, result)

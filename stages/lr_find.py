@@ -8,7 +8,7 @@ from cifar_pipeline.data import resolve_num_workers
 from cifar_pipeline.dataset import DATA_DIR, load_splits
 from cifar_pipeline.engine import make_runtime, new_model, seed_everything
 from cifar_pipeline.errors import PipelineError, require_inputs, run_stage
-from cifar_pipeline.gpu_augment import make_train_loader
+from cifar_pipeline.loaders import make_train_loader
 from cifar_pipeline.params import load_params
 from cifar_pipeline.stats import STATS_FILE, load_stats
 

@@ -7,7 +7,7 @@ from cifar_pipeline.data import resolve_num_workers
 from cifar_pipeline.dataset import DATA_DIR, load_splits
 from cifar_pipeline.engine import make_runtime, new_model, seed_everything
 from cifar_pipeline.errors import require_inputs, run_stage
-from cifar_pipeline.gpu_augment import make_eval_loader, make_train_loader
+from cifar_pipeline.loaders import make_eval_loader, make_train_loader, resolve_backend
 from cifar_pipeline.models import model_kwargs
 from cifar_pipeline.params import load_params
 from cifar_pipeline.plots import save_train_samples
@@ -38,13 +38,14 @@ def main() -> None:
     ):
         if len(labels):  # no val split unless data.val_size > 0
             eval_loaders[split] = make_eval_loader(images, labels, mean, std, backend=params.augment.backend, **loading)
-    save_train_samples(train_loader.dataset, splits.classes, mean, std, "reports/train_samples.png")
+    save_train_samples(train_loader.dataset, splits.classes, "reports/train_samples.png")
     # The Albumentations pipeline is the spec of the augmentations for both backends.
-    save_augmentations(train_transforms(params.augment, mean, std), "reports/augmentations.yaml")
+    save_augmentations(train_transforms(params.augment, mean), "reports/augmentations.yaml")
 
     print(
         f"training {params.model.name} on {len(splits.train_labels)} images for {params.train.epochs} epochs on "
-        f"{runtime.device} (max LR {max_lr:.4g} from {max_lr_source})",
+        f"{runtime.device} (max LR {max_lr:.4g} from {max_lr_source}, "
+        f"{resolve_backend(params.augment.backend, runtime.device)} augment backend)",
         flush=True,
     )
     inputs = [STATS_FILE, DATA_DIR / "meta.json"] + ([LR_FIND_PATH] if max_lr_source == "lr-find" else [])

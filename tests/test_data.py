@@ -1,4 +1,5 @@
-"""Loaders: per-sample augmentation fixed by (seed, epoch, index), whatever the worker count; every image used."""
+"""Loaders: uint8 batches; per-sample augmentation fixed by (seed, epoch, index), whatever the worker count and
+the batch; every image used."""
 
 import collections
 import itertools
@@ -20,7 +21,7 @@ from cifar_pipeline.data import (
 from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.params import AugmentParams
 from cifar_pipeline.plots import image_grid, save_train_samples
-from cifar_pipeline.transforms import test_transforms, train_transforms
+from cifar_pipeline.transforms import train_transforms
 
 MEAN = (0.49, 0.48, 0.45)
 STD = (0.25, 0.24, 0.26)
@@ -34,7 +35,7 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
 
 def _train_set(images: np.ndarray, seed: int = 0, augment: AugmentParams = ALWAYS) -> CifarDataset:
     labels = np.arange(len(images), dtype=np.int64)  # label = index, so batches show which image is which
-    return CifarDataset(images, labels, train_transforms(augment, MEAN, STD), seed=seed)
+    return CifarDataset(images, labels, train_transforms(augment, MEAN), seed=seed)
 
 
 def _epoch(loader, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,10 +48,25 @@ def _all_different(images: torch.Tensor) -> bool:
     return all(not torch.equal(a, b) for a, b in itertools.combinations(images, 2))
 
 
-def test_items_are_float_chw_tensors_and_int64_labels():
+def test_items_and_batches_are_uint8_chw_tensors_and_int64_labels():
     image, label = _train_set(_images(4))[2]
-    assert image.dtype == torch.float32 and image.shape == (3, 32, 32)
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
     assert label.dtype == torch.int64 and label.item() == 2
+    loader = make_loader(_train_set(_images(10)), 4, train=False, num_workers=1, seed=0, pin_memory=False)
+    images, labels = next(iter(loader))  # from a worker process: a quarter of the bytes of float32
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32)
+    assert labels.dtype == torch.int64 and labels.tolist() == [0, 1, 2, 3]
+
+
+def test_a_batch_augments_each_image_as_it_would_alone():
+    """The batch's seeds are drawn at once, yet each image's augmentation depends on its own (epoch, index) only."""
+    dataset = _train_set(_images(12), augment=AugmentParams())
+    keys = [(9, 3), (2, 3), (5, 3), (11, 3)]
+    images, labels = dataset.__getitems__(keys)
+    assert labels.tolist() == [9, 2, 5, 11]
+    for image, key in zip(images, keys, strict=True):
+        assert torch.equal(image, dataset[key][0])
+    assert not torch.equal(dataset[(9, 4)][0], dataset[(9, 3)][0])  # another epoch, another augmentation
 
 
 def test_identical_images_get_different_augmentations_across_workers():
@@ -71,7 +87,7 @@ def test_worker_count_does_not_change_any_epoch():
         images, labels = _epoch(serial, epoch)
         parallel_images, parallel_labels = _epoch(parallel, epoch)
         assert torch.equal(parallel_labels, labels)
-        assert torch.equal(parallel_images, images)
+        assert images.dtype == torch.uint8 and torch.equal(parallel_images, images)
 
 
 def test_transforms_in_a_pipeline_draw_independently():
@@ -81,7 +97,7 @@ def test_transforms_in_a_pipeline_draw_independently():
     dataset = CifarDataset(np.repeat(image[None], 64, axis=0), np.zeros(64, np.int64), flips, seed=0)
     outcomes = collections.Counter()
     for i in range(64):
-        out = dataset[i][0]
+        out = dataset[i][0].permute(1, 2, 0).numpy()
         horizontal = np.array_equal(out, image[:, ::-1]) or np.array_equal(out, image[::-1, ::-1])
         vertical = np.array_equal(out, image[::-1]) or np.array_equal(out, image[::-1, ::-1])
         outcomes[horizontal, vertical] += 1
@@ -128,19 +144,16 @@ def test_a_lone_last_training_sample_is_dropped_but_never_a_test_sample():
 
 def test_test_loader_is_ordered_and_unaugmented():
     images = _images(20)
-    dataset = CifarDataset(images, np.arange(20, dtype=np.int64), test_transforms(MEAN, STD), seed=0)
+    dataset = CifarDataset(images, np.arange(20, dtype=np.int64), None, seed=0)
     loader = make_loader(dataset, 6, train=False, num_workers=2, seed=0, pin_memory=False)
-    expected = (
-        torch.from_numpy(images).permute(0, 3, 1, 2) / 255.0 - torch.tensor(MEAN)[:, None, None]
-    ) / torch.tensor(STD)[:, None, None]
     for epoch in (0, 1):
         batches, labels = _epoch(loader, epoch)
         assert labels.tolist() == list(range(20))
-        torch.testing.assert_close(batches, expected.float(), atol=1e-5, rtol=0)
+        assert torch.equal(batches, torch.from_numpy(images).permute(0, 3, 1, 2))  # the pixels as they are
 
 
 def test_bad_arrays_are_a_pipeline_error():
-    transform = test_transforms(MEAN, STD)
+    transform = train_transforms(AugmentParams(), MEAN)
     with pytest.raises(PipelineError, match="uint8"):
         CifarDataset(_images(4).astype(np.float32), np.zeros(4, np.int64), transform, seed=0)
     with pytest.raises(PipelineError, match="labels"):
@@ -172,7 +185,7 @@ def test_loader_throughput_counts_images_after_the_first_batch():
 def test_train_samples_figure_is_written(tmp_path):
     path = tmp_path / "reports" / "train_samples.png"
     classes = [f"class {i}" for i in range(10)]
-    save_train_samples(_train_set(_images(10)), classes, MEAN, STD, path, n=6)
+    save_train_samples(_train_set(_images(10)), classes, path, n=6)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in path.parent.iterdir()] == ["train_samples.png"]
 

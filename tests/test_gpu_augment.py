@@ -10,23 +10,14 @@ import numpy as np
 import pytest
 import torch
 from albumentations.augmentations.geometric import functional as fgeometric
-from torch.utils.data import DataLoader
 
 from cifar_pipeline.data import CifarDataset, set_epoch
 from cifar_pipeline.engine import Runtime, evaluate, make_optimizer, make_scaler, make_scheduler, train_epoch
-from cifar_pipeline.gpu_augment import (
-    DeviceDataset,
-    DeviceLoader,
-    Draw,
-    affine_theta,
-    augment_batch,
-    make_eval_loader,
-    make_train_loader,
-)
+from cifar_pipeline.gpu_augment import DeviceDataset, DeviceLoader, Draw, affine_theta, augment_batch
+from cifar_pipeline.loaders import make_eval_loader, make_train_loader
 from cifar_pipeline.models import build_model
 from cifar_pipeline.params import AugmentParams
-from cifar_pipeline.plots import denormalize
-from cifar_pipeline.transforms import test_transforms, train_transforms
+from cifar_pipeline.transforms import train_transforms
 
 MEAN = (0.49, 0.48, 0.45)
 STD = (0.25, 0.24, 0.26)
@@ -42,14 +33,17 @@ def _random_images(n: int, seed: int = 0) -> np.ndarray:
 def _albumentations(images: np.ndarray, augment: AugmentParams, seed: int = 0) -> np.ndarray:
     """uint8 (N, H, W, 3) images as the Albumentations backend augments them in epoch 0."""
     labels = np.zeros(len(images), dtype=np.int64)
-    dataset = CifarDataset(images, labels, train_transforms(augment, MEAN, STD), seed)
-    return denormalize(torch.stack([dataset[(i, 0)][0] for i in range(len(images))]), MEAN, STD)
+    dataset = CifarDataset(images, labels, train_transforms(augment, MEAN), seed)
+    batch, _ = dataset.__getitems__([(i, 0) for i in range(len(images))])
+    return batch.permute(0, 2, 3, 1).numpy()
 
 
 def _batched(images: np.ndarray, augment: AugmentParams, seed: int = 0) -> np.ndarray:
-    """The same through the gpu backend, one batch."""
+    """The same through the gpu backend, one batch, before normalisation (whole pixel values, so uint8 is exact)."""
     dataset = DeviceDataset(images, np.zeros(len(images), dtype=np.int64), MEAN, STD, seed, CPU, augment)
-    return denormalize(dataset.batch(torch.arange(len(images)))[0], MEAN, STD)
+    pixels = dataset.pixels(torch.arange(len(images)))
+    assert torch.equal(pixels, pixels.round())
+    return pixels.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 BOTH = {"albumentations": _albumentations, "gpu": _batched}
@@ -75,7 +69,7 @@ def _identity_draw(n: int = 1, **changes) -> Draw:
 def test_warp_matches_the_albumentations_affine_pixel_for_pixel(tx, ty, sx, sy, degrees):
     """Same matrix, interpolation and reflect-101 border: within one grey level (rounding) everywhere."""
     image = _random_images(1)[0]
-    affine = train_transforms(AugmentParams(), MEAN, STD).transforms[1]  # as configured, border mode and all
+    affine = train_transforms(AugmentParams(), MEAN).transforms[1]  # as configured, border mode and all
     matrix = fgeometric.create_affine_transformation_matrix(
         {"x": tx, "y": ty}, {"x": 0.0, "y": 0.0}, {"x": sx, "y": sy}, degrees, fgeometric.center((32, 32))
     )
@@ -134,15 +128,19 @@ def test_hole_is_one_exact_square_of_the_mean_pixel_placed_alike(hole_size):
 
 
 def test_hole_normalises_to_the_same_values_as_albumentations():
-    """The fill is the rounded mean pixel, so after Normalize the hole is close to 0 but not exactly 0."""
+    """The fill is the rounded mean pixel, so once normalised the hole is close to 0 but not exactly 0."""
     image = np.full((1, 32, 32, 3), 7, dtype=np.uint8)
-    augment = NOTHING.model_copy(update={"coarse_dropout_p": 1.0})
-    albumentations = CifarDataset(image, np.zeros(1, dtype=np.int64), train_transforms(augment, MEAN, STD), 0)[0][0]
-    gpu = DeviceDataset(image, np.zeros(1, dtype=np.int64), MEAN, STD, 0, CPU, augment)[0][0]
-    for channel in range(3):
-        expected = albumentations[channel].unique()
-        assert len(expected) == 2  # the image, the hole
-        torch.testing.assert_close(gpu[channel].unique(), expected, atol=1e-6, rtol=0)
+    options = {"batch_size": 1, "seed": 0, "num_workers": 0, "device": CPU}
+    batches = {}
+    for backend in ("albumentations", "gpu"):
+        augment = NOTHING.model_copy(update={"coarse_dropout_p": 1.0, "backend": backend})
+        [(batches[backend], _)] = list(make_train_loader(image, np.zeros(1, np.int64), augment, MEAN, STD, **options))
+    for channel, (m, s) in enumerate(zip(MEAN, STD, strict=True)):
+        expected = torch.tensor([(7 / 255 - m) / s, (round(m * 255) / 255 - m) / s])  # the image, the hole
+        values = batches["albumentations"][0, channel].unique()
+        torch.testing.assert_close(values.sort().values, expected.sort().values, atol=1e-5, rtol=0)
+        assert 0 < values.abs().min() < 0.01
+        torch.testing.assert_close(batches["gpu"][0, channel].unique(), values, atol=1e-6, rtol=0)
 
 
 # Four single bright pixels around the centre (15.5, 15.5), as (row, col); each stays near its own spot under the
@@ -229,19 +227,23 @@ def test_rotation_covers_the_range_alike():
     assert spread["gpu"] == pytest.approx(spread["albumentations"], rel=0.1)
 
 
-def test_normalisation_matches_the_test_transforms():
+def test_normalisation_matches_the_albumentations_eval_loader():
     images = _random_images(20)
     labels = np.arange(20, dtype=np.int64)
-    compose = test_transforms(MEAN, STD)
-    expected = torch.stack([compose(image=image)["image"] for image in images])
-    eval_loader = make_eval_loader(
-        images, labels, MEAN, STD, backend="gpu", batch_size=8, seed=0, num_workers=0, device=CPU
+    options = {"batch_size": 8, "seed": 0, "num_workers": 0, "device": CPU}
+    expected = torch.cat(
+        [batch for batch, _ in make_eval_loader(images, labels, MEAN, STD, backend="albumentations", **options)]
     )
+    reference = (
+        torch.from_numpy(images).permute(0, 3, 1, 2).double() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)
+    ) / torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(expected, reference.float(), atol=1e-5, rtol=0)
+    eval_loader = make_eval_loader(images, labels, MEAN, STD, backend="gpu", **options)
     unaugmented = DeviceLoader(DeviceDataset(images, labels, MEAN, STD, 0, CPU, NOTHING), 8, train=False, seed=0)
     for loader in (eval_loader, unaugmented):
         out = torch.cat([batch for batch, _ in loader])
         assert out.dtype == torch.float32 and out.shape == (20, 3, 32, 32)
-        torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)  # one normalisation for both backends
 
 
 def _loader(n: int = 24, batch_size: int = 8, seed: int = 0, augment: AugmentParams | None = None) -> DeviceLoader:
@@ -271,43 +273,9 @@ def test_a_sample_is_augmented_the_same_whatever_the_batch():
     small, large = _epoch(_loader(batch_size=5), 2), _epoch(_loader(batch_size=24), 2)
     torch.testing.assert_close(small[0][small[1].argsort()], large[0][large[1].argsort()], rtol=0, atol=0)
     dataset = _loader().dataset
-    torch.testing.assert_close(dataset[(7, 2)][0], small[0][small[1] == 7][0], rtol=0, atol=0)
-
-
-def test_device_loader_is_a_drop_in_for_the_albumentations_loader():
-    images, labels = _random_images(33), np.arange(33, dtype=np.int64)
-    for batch_size in (8, 16):  # 33 = 2 x 16 + 1: the lone last sample is dropped
-        loaders = {
-            backend: make_train_loader(
-                images,
-                labels,
-                AugmentParams(backend=backend),
-                MEAN,
-                STD,
-                batch_size=batch_size,
-                seed=5,
-                num_workers=0,
-                device=CPU,
-            )
-            for backend in ("albumentations", "gpu")
-        }
-        assert isinstance(loaders["albumentations"], DataLoader) and isinstance(loaders["gpu"], DeviceLoader)
-        assert len(loaders["gpu"]) == len(loaders["albumentations"])
-        assert len(loaders["gpu"].dataset) == len(loaders["albumentations"].dataset) == 33
-        for epoch in (0, 1):
-            gpu, albumentations = _epoch(loaders["gpu"], epoch), _epoch(loaders["albumentations"], epoch)
-            assert torch.equal(gpu[1], albumentations[1])  # the same shuffle, and the same images dropped
-            assert gpu[0].shape == albumentations[0].shape and gpu[0].dtype == albumentations[0].dtype
-
-
-def test_eval_loaders_are_ordered_and_complete_in_both_backends():
-    images, labels = _random_images(21), np.arange(21, dtype=np.int64)
-    for backend in ("albumentations", "gpu"):
-        loader = make_eval_loader(
-            images, labels, MEAN, STD, backend=backend, batch_size=8, seed=0, num_workers=0, device=CPU
-        )
-        assert len(loader) == 3
-        assert torch.equal(torch.cat([b[1] for b in loader]), torch.arange(21))
+    image = dataset[(7, 2)][0]  # an item: the augmented uint8 image
+    assert image.dtype == torch.uint8
+    torch.testing.assert_close(dataset.normalize(image[None])[0], small[0][small[1] == 7][0], rtol=0, atol=0)
 
 
 def test_engine_trains_and_evaluates_from_the_device_loader():

@@ -19,6 +19,7 @@ def test_shipped_params_file_is_valid_and_holds_the_specified_recipe():
     assert params.model.name == "custom_resnet"
     assert params.model.dropout == 0.0
     assert params.augment.hole_size == 16
+    assert params.augment.backend == "auto"
     assert params.data.md5 == "c58f30108f718f92721af3b95e74349a"
 
 
@@ -51,6 +52,7 @@ def test_shipped_params_file_sets_every_key_explicitly():
         ({"data": {"train_subset": 100, "val_size": 100}}, "data.val_size (100) must be smaller"),
         ({"lr_find": {"start_lr": 1.0, "end_lr": 0.1}}, "lr_find.end_lr (0.1) must be greater than"),
         ({"augment": {"hflip_p": 1.5}}, "augment.hflip_p = 1.5: must be less than or equal to 1"),
+        ({"augment": {"backend": "cuda"}}, "augment.backend = 'cuda': must be 'auto', 'albumentations' or 'gpu'"),
         ({"seed": "x"}, "seed = 'x'"),
     ],
 )

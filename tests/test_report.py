@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from cifar_pipeline import transforms
 from cifar_pipeline.checkpoint import model_from_checkpoint, save_checkpoint
 from cifar_pipeline.dataset import CLASSES
+from cifar_pipeline.loaders import make_eval_loader
 from cifar_pipeline.lr_finder import save_results
 from cifar_pipeline.models import build_model
 from cifar_pipeline.report import per_class_accuracy, pick_misclassified, read_tsv
@@ -36,9 +36,12 @@ def _images(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return ((base + tint) % 256).astype(np.uint8), labels.astype(np.int64)
 
 
-def transforms_batch(images: np.ndarray, mean, std) -> torch.Tensor:
-    pipeline = transforms.test_transforms(mean, std)
-    return torch.stack([pipeline(image=image)["image"] for image in images])
+def eval_batch(images: np.ndarray, mean, std) -> torch.Tensor:
+    """The images as the training code's evaluation loader (albumentations backend, on the CPU) normalises them."""
+    labels = np.zeros(len(images), dtype=np.int64)
+    options = {"batch_size": len(images), "seed": 0, "num_workers": 0, "device": torch.device("cpu")}
+    [(batch, _)] = list(make_eval_loader(images, labels, mean, std, backend="albumentations", **options))
+    return batch
 
 
 def write_train_log(log_dir: Path) -> dict:
@@ -106,7 +109,7 @@ def make_project(root: Path) -> dict:
             module.reset_running_stats()
             module.momentum = None  # a plain average over the batches seen
     with torch.no_grad():
-        model.train()(transforms_batch(splits["test"][0], MEAN, STD))
+        model.train()(eval_batch(splits["test"][0], MEAN, STD))
     extra = {
         "epoch": EPOCHS,
         "batch_size": 8,
@@ -154,13 +157,13 @@ def read_predictions(root: Path) -> list[dict]:
 
 
 def reference_predictions(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The model's own softmax on the test images, through the training code's test transforms, one by one."""
+    """The model's own softmax on the test images, normalised by the training code's evaluation loader."""
     ckpt = torch.load(root / "models/model.pt", weights_only=True)
     model = model_from_checkpoint(ckpt)
     with np.load(root / "data/cifar10/test.npz") as npz:
         images, labels = npz["images"], npz["labels"]
     with torch.no_grad():
-        probs = model(transforms_batch(images, ckpt["mean"], ckpt["std"])).softmax(dim=1).numpy()
+        probs = model(eval_batch(images, ckpt["mean"], ckpt["std"])).softmax(dim=1).numpy()
     return probs, labels, images
 
 

@@ -16,9 +16,9 @@ from torch import nn
 from cifar_pipeline import engine, training
 from cifar_pipeline.data import CifarDataset, make_loader, set_epoch
 from cifar_pipeline.errors import MissingInputError, PipelineError
-from cifar_pipeline.gpu_augment import make_eval_loader, make_train_loader
+from cifar_pipeline.loaders import DeviceBatches, make_eval_loader, make_train_loader
+from cifar_pipeline.normalization import normalizer
 from cifar_pipeline.params import AugmentParams, ModelParams, TrainParams, parse_params
-from cifar_pipeline.transforms import test_transforms
 
 CPU = engine.Runtime(torch.device("cpu"))
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -42,8 +42,8 @@ def loader(n: int, batch_size: int, train: bool, seed: int = 0, workers: int = 0
         if train:
             return make_train_loader(images, labels, AugmentParams(backend="gpu"), MEAN, STD, **options)
         return make_eval_loader(images, labels, MEAN, STD, backend="gpu", **options)
-    dataset = CifarDataset(images, labels, test_transforms(MEAN, STD), 0)
-    return make_loader(dataset, batch_size, train, workers, 0, False)
+    uint8_batches = make_loader(CifarDataset(images, labels, None, 0), batch_size, train, workers, 0, False)
+    return DeviceBatches(uint8_batches, normalizer(MEAN, STD, CPU.device), CPU.device)
 
 
 def tiny_model(seed: int = 0) -> nn.Module:

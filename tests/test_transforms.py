@@ -1,19 +1,16 @@
-"""Augmentation pipelines: order and arguments from params, the exact hole, normalisation, YAML round trip."""
+"""The augmentation pipeline: order and arguments from params, the exact hole, uint8 in and out, YAML round trip."""
 
 import random
 
 import albumentations as A
 import numpy as np
 import pytest
-import torch
 
 from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.params import AugmentParams
-from cifar_pipeline.plots import denormalize
-from cifar_pipeline.transforms import save_augmentations, test_transforms, train_transforms
+from cifar_pipeline.transforms import save_augmentations, train_transforms
 
 MEAN = (0.49, 0.48, 0.45)
-STD = (0.25, 0.24, 0.26)
 ONLY_DROPOUT = AugmentParams(hflip_p=0.0, shift_scale_rotate_p=0.0, coarse_dropout_p=1.0)
 
 
@@ -31,16 +28,11 @@ def test_train_pipeline_has_the_specified_order_and_arguments():
     augment = AugmentParams(
         hflip_p=0.3, shift_limit=0.05, scale_limit=0.2, rotate_limit=10, shift_scale_rotate_p=0.4, coarse_dropout_p=0.6
     )
-    steps = A.to_dict(train_transforms(augment, MEAN, STD))["transform"]["transforms"]
+    steps = A.to_dict(train_transforms(augment, MEAN))["transform"]["transforms"]
 
-    assert [s["__class_fullname__"] for s in steps] == [
-        "HorizontalFlip",
-        "Affine",
-        "CoarseDropout",
-        "Normalize",
-        "ToTensorV2",
-    ]
-    flip, affine, dropout, normalize, _ = steps
+    # No Normalize: the loaders normalise whole batches on the device (tests/test_normalization.py).
+    assert [s["__class_fullname__"] for s in steps] == ["HorizontalFlip", "Affine", "CoarseDropout"]
+    flip, affine, dropout = steps
     assert flip["p"] == 0.3
     assert affine["p"] == 0.4
     assert affine["translate_percent"] == {"x": (-0.05, 0.05), "y": (-0.05, 0.05)}
@@ -53,20 +45,17 @@ def test_train_pipeline_has_the_specified_order_and_arguments():
     assert dropout["hole_width_range"] == (16, 16)
     assert dropout["fill"] == tuple(round(m * 255) for m in MEAN)
     assert dropout["fill_mask"] is None
-    assert normalize["mean"] == MEAN
-    assert normalize["std"] == STD
-    assert normalize["max_pixel_value"] == 255.0
 
 
-def test_test_pipeline_only_normalises():
-    steps = A.to_dict(test_transforms(MEAN, STD))["transform"]["transforms"]
-    assert [s["__class_fullname__"] for s in steps] == ["Normalize", "ToTensorV2"]
+def test_images_stay_uint8_hwc():
+    compose = train_transforms(AugmentParams(shift_scale_rotate_p=1.0, coarse_dropout_p=1.0), MEAN)
+    out = _seeded(compose, 0)(image=_images(1)[0])["image"]
+    assert out.dtype == np.uint8 and out.shape == (32, 32, 3)
 
 
 @pytest.mark.parametrize("hole_size", [16, 5])
 def test_hole_is_one_exact_square_filled_with_the_mean(hole_size):
-    compose = train_transforms(ONLY_DROPOUT.model_copy(update={"hole_size": hole_size}), MEAN, STD)
-    compose.transforms = compose.transforms[:-2]  # stop before Normalize to see pixel values
+    compose = train_transforms(ONLY_DROPOUT.model_copy(update={"hole_size": hole_size}), MEAN)
     image = np.full((32, 32, 3), 7, dtype=np.uint8)  # no channel's mean pixel is 7
     for seed in range(5):
         out = _seeded(compose, seed)(image=image)["image"]
@@ -79,24 +68,8 @@ def test_hole_is_one_exact_square_filled_with_the_mean(hole_size):
             assert (out[..., channel][~filled] == 7).all()
 
 
-def test_normalised_split_has_zero_mean_and_unit_std():
-    rng = np.random.default_rng(1)
-    # distinct per-channel statistics, as in real data
-    images = np.clip(rng.normal((60, 120, 200), (20, 40, 30), (64, 32, 32, 3)), 0, 255).astype(np.uint8)
-    scaled = images / 255.0
-    mean, std = scaled.mean(axis=(0, 1, 2)), scaled.std(axis=(0, 1, 2))
-    compose = test_transforms(mean, std)
-
-    out = torch.stack([compose(image=image)["image"] for image in images])
-
-    assert out.dtype == torch.float32
-    assert out.shape == (64, 3, 32, 32)
-    assert out.mean(dim=(0, 2, 3)) == pytest.approx([0.0] * 3, abs=1e-4)
-    assert out.std(dim=(0, 2, 3)) == pytest.approx([1.0] * 3, abs=1e-3)
-
-
 def test_saved_yaml_reloads_to_a_pipeline_with_identical_outputs(tmp_path):
-    compose = train_transforms(AugmentParams(coarse_dropout_p=0.9, shift_scale_rotate_p=0.9), MEAN, STD)
+    compose = train_transforms(AugmentParams(coarse_dropout_p=0.9, shift_scale_rotate_p=0.9), MEAN)
     path = tmp_path / "reports" / "augmentations.yaml"
     save_augmentations(compose, path)
 
@@ -106,29 +79,18 @@ def test_saved_yaml_reloads_to_a_pipeline_with_identical_outputs(tmp_path):
     assert A.to_dict(loaded) == A.to_dict(compose)
     for seed, image in enumerate(_images()):
         expected = _seeded(compose, seed)(image=image)["image"]
-        assert torch.equal(_seeded(loaded, seed)(image=image)["image"], expected)
+        assert np.array_equal(_seeded(loaded, seed)(image=image)["image"], expected)
 
 
 def test_augmentation_is_random_but_seedable():
-    compose = train_transforms(AugmentParams(shift_scale_rotate_p=1.0), MEAN, STD)
+    compose = train_transforms(AugmentParams(shift_scale_rotate_p=1.0), MEAN)
     image = _images(1)[0]
     first = _seeded(compose, 3)(image=image)["image"]
-    assert torch.equal(_seeded(compose, 3)(image=image)["image"], first)
-    assert not torch.equal(_seeded(compose, 4)(image=image)["image"], first)
+    assert np.array_equal(_seeded(compose, 3)(image=image)["image"], first)
+    assert not np.array_equal(_seeded(compose, 4)(image=image)["image"], first)
 
 
-@pytest.mark.parametrize(
-    ("mean", "std"), [((0.5, 0.5), (0.2, 0.2, 0.2)), ((127, 120, 110), STD), (MEAN, (0.2, 0, 0.2))]
-)
-def test_bad_statistics_are_a_pipeline_error(mean, std):
-    with pytest.raises(PipelineError):
-        test_transforms(mean, std)
-
-
-def test_denormalize_inverts_the_test_pipeline():
-    images = _images(6)
-    compose = test_transforms(MEAN, STD)
-    normalised = torch.stack([compose(image=image)["image"] for image in images])
-    restored = denormalize(normalised, MEAN, STD)
-    assert restored.dtype == np.uint8
-    np.testing.assert_array_equal(restored, images)
+@pytest.mark.parametrize("mean", [(0.5, 0.5), (127, 120, 110)])
+def test_a_bad_mean_is_a_pipeline_error(mean):
+    with pytest.raises(PipelineError, match="mean"):
+        train_transforms(AugmentParams(), mean)

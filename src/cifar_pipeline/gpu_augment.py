@@ -2,12 +2,13 @@
 
 `augment.backend: gpu` selects this path. The Albumentations loader tops out around 4-5k images/s per CPU core,
 which cannot feed a fast GPU; here the uint8 split lives on the device (CIFAR-10's train split is 150 MB) and each
-batch is gathered by index, then flipped, warped, cut out and normalised there: no DataLoader, no workers.
+batch is gathered by index, then flipped, warped, cut out and normalised (normalization.py) there: no DataLoader, no
+workers.
 
 The transforms and their parameters are those of transforms.train_transforms: HorizontalFlip, Affine (integer
 translation truncated like Albumentations', independent x and y scales, rotation about the centre, bilinear,
-reflect-101 border, output rounded like cv2's uint8 warp), one CoarseDropout hole filled with the rounded mean pixel,
-then Normalize. Sample i's parameters in epoch e depend on (seed, e, i) and the split's size only: a whole epoch's
+reflect-101 border, output rounded like cv2's uint8 warp), and one CoarseDropout hole filled with the rounded mean
+pixel. Sample i's parameters in epoch e depend on (seed, e, i) and the split's size only: a whole epoch's
 are drawn at once on the CPU, indexed by sample, and copied to the device once. So they depend neither on the batch
 size nor on the device, and nothing syncs the host with the device per batch. The shuffle order is data.py's
 EpochSampler's, so both backends see the same batches of images, each with its own (backend-specific) augmentation.
@@ -21,16 +22,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data import BatchSampler
 
-from cifar_pipeline.data import CifarDataset, EpochSampler, make_loader
+from cifar_pipeline.data import AUGMENT_STREAM, EpochSampler
 from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.normalization import mean_pixel, normalizer
 from cifar_pipeline.params import AugmentParams
-from cifar_pipeline.transforms import _check_stats, test_transforms, train_transforms
-
-# Spawn-key tag of the augmentation stream: data.py names the shuffle order (epoch,) and a sample (epoch, index),
-# with index < 2**32, so (epoch, AUGMENT_STREAM) is a stream of its own.
-AUGMENT_STREAM = 2**32
 
 
 class Draw(NamedTuple):
@@ -123,7 +120,8 @@ def augment_batch(images: torch.Tensor, draw: Draw, hole_size: int, fill: torch.
 
 class DeviceDataset:
     """A split on the device: uint8 (N, 3, H, W) images and int64 labels, augmented (given `augment`) and normalised
-    a batch at a time. Items are keyed like CifarDataset's, so plots.save_train_samples works on it too."""
+    a batch at a time. Items are keyed like CifarDataset's and are, like its items, augmented uint8 (3, H, W) images
+    on the CPU, so plots.save_train_samples works on either."""
 
     def __init__(
         self,
@@ -139,16 +137,13 @@ class DeviceDataset:
             raise PipelineError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
         if labels.shape != (len(images),):
             raise PipelineError(f"labels must have shape ({len(images)},), got {labels.shape}")
-        mean, std = _check_stats(mean, std)
         self.device = torch.device(device)
+        self.normalize = normalizer(mean, std, self.device)
+        self.fill = torch.tensor(mean_pixel(mean), dtype=torch.float32, device=self.device)  # as transforms.py's
         self.images = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).contiguous()
         self.labels = torch.from_numpy(labels).to(self.device, torch.int64)
         self.augment = augment
         self.seed = seed
-        # Normalize as Albumentations does: (x - 255 mean) / (255 std), on pixel values.
-        self.shift = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
-        self.scale = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
-        self.fill = torch.tensor([float(round(m * 255)) for m in mean], device=self.device)  # as transforms.py
         self._draw: tuple[int, Draw] | None = None
 
     def __len__(self) -> int:
@@ -162,24 +157,27 @@ class DeviceDataset:
             self._draw = epoch, params.to(self.device)
         return self._draw[1]
 
-    def batch(self, index: torch.Tensor, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(float32 normalised (n, 3, H, W) images, int64 labels) of the samples at `index` (on the device)."""
+    def pixels(self, index: torch.Tensor, epoch: int = 0) -> torch.Tensor:
+        """The samples at `index`, augmented: float32 (n, 3, H, W) whole pixel values 0..255, on the device."""
         images = self.images[index]
         if self.augment is None:
-            pixels = images.float()
-        else:
-            pixels = augment_batch(images, self.draw(epoch).take(index), self.augment.hole_size, self.fill)
-        return (pixels - self.shift) / self.scale, self.labels[index]
+            return images.float()
+        return augment_batch(images, self.draw(epoch).take(index), self.augment.hole_size, self.fill)
+
+    def batch(self, index: torch.Tensor, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 normalised (n, 3, H, W) images, int64 labels) of the samples at `index` (on the device)."""
+        return self.normalize(self.pixels(index, epoch)), self.labels[index]
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        images, labels = self.batch(torch.tensor([index], device=self.device), epoch)
-        return images[0].cpu(), labels[0].cpu()
+        at = torch.tensor([index], device=self.device)
+        # The pixels are whole numbers in 0..255 (the warp rounds, the fill is a uint8 pixel): uint8 holds them exactly.
+        return self.pixels(at, epoch)[0].to("cpu", torch.uint8), self.labels[index].cpu()
 
 
 class DeviceLoader:
-    """Batches of a DeviceDataset in the order of data.py's EpochSampler: a drop-in for make_loader's DataLoader
-    (len, iteration, `.dataset`, `.batch_sampler.sampler.set_epoch`, so data.set_epoch works on it)."""
+    """Batches of a DeviceDataset in the order of data.py's EpochSampler: a drop-in for the Albumentations loader
+    (loaders.DeviceBatches: len, iteration, `.dataset`, `.batch_sampler.sampler.set_epoch` for data.set_epoch)."""
 
     def __init__(
         self, dataset: DeviceDataset, batch_size: int, train: bool, seed: int, drop_last: bool = False
@@ -204,42 +202,3 @@ class DeviceLoader:
         order = torch.from_numpy(order[: len(self) * self.batch_size]).to(self.dataset.device)
         for index in order.split(self.batch_size):
             yield self.dataset.batch(index, epoch)
-
-
-def make_train_loader(
-    images: np.ndarray,
-    labels: np.ndarray,
-    augment: AugmentParams,
-    mean: Sequence[float],
-    std: Sequence[float],
-    *,
-    batch_size: int,
-    seed: int,
-    num_workers: int,
-    device: torch.device,
-) -> DataLoader | DeviceLoader:
-    """The training loader `augment.backend` asks for: Albumentations in worker processes, or on `device`."""
-    if augment.backend == "gpu":
-        dataset = DeviceDataset(images, labels, mean, std, seed, device, augment)
-        return DeviceLoader(dataset, batch_size, train=True, seed=seed)
-    dataset = CifarDataset(images, labels, train_transforms(augment, mean, std), seed)
-    return make_loader(dataset, batch_size, True, num_workers, seed, pin_memory=device.type == "cuda")
-
-
-def make_eval_loader(
-    images: np.ndarray,
-    labels: np.ndarray,
-    mean: Sequence[float],
-    std: Sequence[float],
-    *,
-    backend: str,
-    batch_size: int,
-    seed: int,
-    num_workers: int,
-    device: torch.device,
-) -> DataLoader | DeviceLoader:
-    """An ordered, normalised, unaugmented loader; with the gpu backend the split lives on `device` too."""
-    if backend == "gpu":
-        return DeviceLoader(DeviceDataset(images, labels, mean, std, seed, device), batch_size, False, seed)
-    dataset = CifarDataset(images, labels, test_transforms(mean, std), seed)
-    return make_loader(dataset, batch_size, False, num_workers, seed, pin_memory=device.type == "cuda")

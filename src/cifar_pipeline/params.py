@@ -76,7 +76,7 @@ class ModelParams(_Section):
 
 
 class AugmentParams(_Section):
-    backend: Literal["albumentations", "gpu"] = "albumentations"
+    backend: Literal["auto", "albumentations", "gpu"] = "auto"
     hflip_p: float = Field(default=0.5, ge=0.0, le=1.0)
     shift_limit: float = Field(default=0.1, ge=0.0, le=0.5)
     scale_limit: float = Field(default=0.1, ge=0.0, lt=1.0)

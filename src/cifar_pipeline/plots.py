@@ -18,13 +18,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 
-def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Normalised float (N, 3, H, W) images back to uint8 (N, H, W, 3) for display."""
-    x = images.detach().to("cpu", torch.float32).numpy()
-    x = x * np.asarray(std, np.float32)[:, None, None] + np.asarray(mean, np.float32)[:, None, None]
-    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-
-
 def image_grid(images: np.ndarray, titles: Sequence[str], ncols: int = 8, title: str | None = None) -> Figure:
     """uint8 (N, H, W, 3) images in a grid, each above its title, without axes."""
     if len(titles) != len(images):
@@ -44,17 +37,17 @@ def image_grid(images: np.ndarray, titles: Sequence[str], ncols: int = 8, title:
     return fig
 
 
-def save_train_samples(
-    dataset, classes: Sequence[str], mean: Sequence[float], std: Sequence[float], path: str | Path, n: int = 32
-) -> None:
-    """A grid of `n` augmented training images (epoch 0's augmentations) with their class names."""
+def save_train_samples(dataset, classes: Sequence[str], path: str | Path, n: int = 32) -> None:
+    """A grid of `n` augmented training images (epoch 0's augmentations) with their class names.
+
+    `dataset` is a training loader's: its items are augmented uint8 (3, H, W) images and their labels."""
     n = min(n, len(dataset))
     # Spread over the whole split, so a class-sorted array still shows every class.
     indices = np.linspace(0, len(dataset) - 1, n).round().astype(int)
     samples = [dataset[(int(i), 0)] for i in indices]
-    images = denormalize(torch.stack([image for image, _ in samples]), mean, std)
+    images = torch.stack([image for image, _ in samples]).permute(0, 2, 3, 1).numpy()
     titles = [classes[int(label)] for _, label in samples]
-    fig = image_grid(images, titles, title="Augmented training images (as the model sees them, un-normalised)")
+    fig = image_grid(images, titles, title="Augmented training images (as the model sees them, before normalisation)")
     save_figure(path, fig, dpi=100)
 
 

@@ -23,6 +23,7 @@ from cifar_pipeline.checkpoint import load_checkpoint, model_from_checkpoint
 from cifar_pipeline.dataset import CLASSES, load_test_split
 from cifar_pipeline.engine import pick_device
 from cifar_pipeline.errors import PipelineError, require_inputs
+from cifar_pipeline.normalization import normalizer
 from cifar_pipeline.params import Params
 from cifar_pipeline.plots import metrics_curves, misclassified_grid
 from cifar_pipeline.summary import model_summary_text
@@ -63,17 +64,14 @@ def predict(
     device: torch.device,
     batch_size: int = 500,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted class (int64) and its softmax probability (float32) for each uint8 NHWC image.
-
-    Normalises as the test transforms do, (x / 255 - mean) / std, but a whole batch at a time on the device.
-    """
+    """Predicted class (int64) and its softmax probability (float32) for each uint8 NHWC image, normalised as the
+    loaders normalise, a whole batch at a time on the device."""
     model = model.to(device).eval()
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    normalize = normalizer(mean, std, device)
     preds, confidences = [], []
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(images[start : start + batch_size]).to(device).permute(0, 3, 1, 2).float()
-        logits = model((batch / 255.0 - mean_t) / std_t)
+        batch = torch.from_numpy(images[start : start + batch_size]).to(device).permute(0, 3, 1, 2)
+        logits = model(normalize(batch))
         confidence, pred = logits.float().softmax(dim=1).max(dim=1)
         preds.append(pred.cpu().numpy())
         confidences.append(confidence.cpu().numpy())

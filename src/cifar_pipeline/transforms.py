@@ -1,7 +1,7 @@
-"""Albumentations pipelines for training and evaluation, and their serialised form for reports/augmentations.yaml.
+"""The Albumentations training pipeline, and its serialised form for reports/augmentations.yaml.
 
-Images go in as uint8 HWC RGB arrays and come out as float32 CHW tensors normalised with the dataset's
-mean and std (3 floats each, in 0..1 units).
+Images go in and come out as uint8 HWC RGB arrays; the loaders normalise whole batches on the training device
+(normalization.py). Evaluation images are not transformed at all.
 """
 
 from __future__ import annotations
@@ -16,30 +16,15 @@ from pathlib import Path
 
 import albumentations as A
 import cv2
-from albumentations.pytorch import ToTensorV2
 
 from cifar_pipeline.atomic import atomic_path
-from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.normalization import mean_pixel
 from cifar_pipeline.params import AugmentParams
 
 
-def _check_stats(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    if len(mean) != 3 or len(std) != 3:
-        raise PipelineError(f"mean and std need one value per RGB channel, got mean={mean}, std={std}")
-    if not all(0.0 <= m <= 1.0 for m in mean) or not all(s > 0.0 for s in std):
-        raise PipelineError(f"mean must lie in 0..1 and std be > 0 (pixel values scaled to 0..1), got {mean}, {std}")
-    return mean, std
-
-
-def _normalize(mean: tuple[float, ...], std: tuple[float, ...]) -> list[A.BasicTransform]:
-    return [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
-
-
-def train_transforms(augment: AugmentParams, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
-    mean, std = _check_stats(mean, std)
-    # uint8 images cannot hold a fractional fill, and Albumentations would truncate it: round it here.
-    mean_pixel = tuple(round(m * 255) for m in mean)
+def train_transforms(augment: AugmentParams, mean: Sequence[float]) -> A.Compose:
+    """Flip, shift/scale/rotate and one hole filled with the dataset's `mean` (3 floats in 0..1), in that order."""
+    fill = mean_pixel(mean)
     return A.Compose(
         [
             A.HorizontalFlip(p=augment.hflip_p),
@@ -57,25 +42,17 @@ def train_transforms(augment: AugmentParams, mean: Sequence[float], std: Sequenc
                 p=augment.shift_scale_rotate_p,
             ),
             # Exactly one hole of hole_size x hole_size, always fully inside the image, filled with the mean:
-            # after Normalize the hole is ~0, i.e. it carries no signal rather than a black patch.
+            # once normalised the hole is ~0, i.e. it carries no signal rather than a black patch.
             A.CoarseDropout(
                 num_holes_range=(1, 1),
                 hole_height_range=(augment.hole_size, augment.hole_size),
                 hole_width_range=(augment.hole_size, augment.hole_size),
-                fill=mean_pixel,
+                fill=fill,
                 fill_mask=None,
                 p=augment.coarse_dropout_p,
             ),
-            *_normalize(mean, std),
         ]
     )
-
-
-def test_transforms(mean: Sequence[float], std: Sequence[float]) -> A.Compose:
-    return A.Compose(_normalize(*_check_stats(mean, std)))
-
-
-test_transforms.__test__ = False  # its name would make pytest collect it as a test wherever it is imported
 
 
 def save_augmentations(compose: A.Compose, path: str | Path) -> None:

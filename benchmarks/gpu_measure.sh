@@ -149,7 +149,7 @@ run() { # run NAME SECONDS KEY=VALUE...: `dvc repro` with these params, timed; i
         return 0
     fi
     save "$name: done in $(($(date +%s) - start)) s: $(python -c 'import json; m = json.load(open("reports/train/metrics.json"))
-print(f"test acc {m[\"test\"][\"acc\"]:.2f}%, train stage {m[\"wall_time_s\"]:.1f} s, max LR {m[\"max_lr\"]:.4g}")')"
+print("test acc %.2f%%, train stage %.1f s, max LR %.4g" % (m["test"]["acc"], m["wall_time_s"], m["max_lr"]))')"
 }
 
 step() { # step NAME SECONDS COMMAND...: a benchmark, its output in results/NAME.txt

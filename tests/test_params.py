@@ -43,6 +43,12 @@ def test_shipped_params_file_sets_every_key_explicitly():
         ({"train": {"max_lr": "fast"}}, "train.max_lr = 'fast'"),
         ({"train": {"device": "tpu"}}, "train.device = 'tpu': must be 'auto', 'cpu', 'cuda' or 'mps'"),
         ({"train": {"precision": "fp8"}}, "train.precision = 'fp8': must be 'auto', 'fp32', 'bf16' or 'fp16'"),
+        (
+            {"train": {"compile": "fast"}},
+            "train.compile = 'fast': must be false (no compiling) or a torch.compile mode: "
+            "default, reduce-overhead, max-autotune-no-cudagraphs, max-autotune",
+        ),
+        ({"train": {"compile": True}}, "train.compile = True: must be false (no compiling) or a torch.compile mode"),
         ({"train": {"amp": True}}, "train.amp: unknown key: replaced by train.precision (auto | fp32 | bf16 | fp16;"),
         ({"trian": {}}, "trian: unknown key (did you mean 'train'?)"),
         ({"data": {"train_subst": 100}}, "data.train_subst: unknown key (did you mean 'data.train_subset'?)"),

@@ -13,7 +13,7 @@ import torch
 from conftest import dvc_plot_values
 from torch import nn
 
-from cifar_pipeline import engine, training
+from cifar_pipeline import checkpoint_writer, engine, training
 from cifar_pipeline.data import CifarDataset, make_loader, set_epoch
 from cifar_pipeline.errors import MissingInputError, PipelineError
 from cifar_pipeline.loaders import DeviceBatches, make_eval_loader, make_train_loader
@@ -59,7 +59,9 @@ def tiny_model(seed: int = 0) -> nn.Module:
     )
 
 
-def run_fit(tmp_path: Path, train: TrainParams, *, val=False, fingerprint="f", model=None, loading=None, **kwargs):
+def run_fit(
+    tmp_path: Path, train: TrainParams, *, val=False, fingerprint="f", model=None, loading=None, images=40, **kwargs
+):
     loading = loading or {}  # loader() options: workers, backend
     eval_loaders = {"val": loader(20, 10, False, seed=2, **loading)} if val else {}
     eval_loaders["test"] = loader(20, 10, False, seed=1, **loading)
@@ -67,7 +69,7 @@ def run_fit(tmp_path: Path, train: TrainParams, *, val=False, fingerprint="f", m
         model or tiny_model(),
         "tiny",
         {},
-        loader(40, 10, True, **loading),
+        loader(images, 10, True, **loading),
         eval_loaders,
         train,
         CPU,
@@ -368,6 +370,77 @@ def test_an_interrupted_fit_resumes_to_the_same_result(tmp_path, monkeypatch, ca
     assert "resuming after epoch 1 of 3" in capsys.readouterr().out
     assert not (tmp_path / "cut/.resume/train.pt").exists()
     assert_same_outputs(outputs(tmp_path / "whole"), outputs(tmp_path / "cut"))
+
+
+def test_a_kill_while_an_epochs_files_are_written_resumes_from_the_epoch_before(tmp_path, monkeypatch, capsys):
+    """The files go out on a background thread: a run killed while epoch 2's are written has epoch 1's resume state
+    on disk, and best.pt may already be epoch 2's (it is written first). It still ends as an uninterrupted run."""
+    train = TrainParams(epochs=4, peak_epoch=1, device="cpu")
+    engine.seed_everything(0)
+    run_fit(tmp_path / "whole", train, max_lr=0.01)  # the test accuracy improves in epochs 1, 2 and 3
+
+    save = checkpoint_writer.save_plain
+
+    def killed_at_epoch_2(path, obj):
+        if path.name == "train.pt" and obj["epoch"] == 2:
+            raise Interrupt  # dies before the resume state is renamed into place
+        save(path, obj)
+
+    monkeypatch.setattr(checkpoint_writer, "save_plain", killed_at_epoch_2)
+    engine.seed_everything(0)
+    with pytest.raises(Interrupt):  # raised on the training thread at the next epoch's snapshot
+        run_fit(tmp_path / "cut", train, max_lr=0.01)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "cut/.resume/train.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "cut/models/best.pt", weights_only=True)["epoch"] == 2  # newer than the state
+    assert not (tmp_path / "cut/models/model.pt").exists()
+    capsys.readouterr()
+
+    engine.seed_everything(0)
+    run_fit(tmp_path / "cut", train, model=tiny_model(seed=123), max_lr=0.01)
+    assert "resuming after epoch 1 of 4" in capsys.readouterr().out
+    assert not (tmp_path / "cut/.resume/train.pt").exists()
+    assert_same_outputs(outputs(tmp_path / "whole"), outputs(tmp_path / "cut"))
+
+
+class ShapeRecorder(nn.Module):
+    """Stands in for torch.compile's module: records the shape of every batch the train step gives it."""
+
+    def __init__(self, model: nn.Module, shapes: list) -> None:
+        super().__init__()
+        self.model, self.shapes = model, shapes
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(images.shape))
+        return self.model(images)
+
+
+def test_compiled_training_uses_full_batches_and_a_schedule_of_that_many_steps(tmp_path, monkeypatch):
+    shapes: list[tuple[int, ...]] = []
+    modes: list[str] = []
+
+    def fake_compile(model, mode):
+        modes.append(mode)
+        return ShapeRecorder(model, shapes)
+
+    monkeypatch.setattr(training, "compile_model", fake_compile)
+    train = TrainParams(epochs=3, peak_epoch=2, div_factor=10.0, device="cpu", compile="max-autotune")
+    run_fit(tmp_path, train, images=45, max_lr=0.05)  # 4 full batches of 10 and one of 5 an epoch
+    assert modes == ["max-autotune"]
+    assert shapes == [(10, 3, 32, 32)] * (3 * 4)  # the batch of 5 never reaches the compiled model
+
+    lrs = [r["lr"] for r in json.loads((tmp_path / "reports/train/plots/custom/lr_schedule.json").read_text())]
+    assert len(lrs) == 3 * 4
+    assert int(np.argmax(lrs)) == 2 * 4 - 1 and max(lrs) == pytest.approx(0.05)
+    assert lrs[0] == pytest.approx(0.005) and lrs[-1] == pytest.approx(0.005)
+    ckpt = torch.load(tmp_path / "models/model.pt", weights_only=True)
+    assert not any(key.startswith("model.") for key in ckpt["state_dict"])  # the model's own keys, not the wrapper's
+
+
+def test_compiling_needs_one_full_batch(tmp_path):
+    train = TrainParams(epochs=1, peak_epoch=1, device="cpu", compile="default")
+    with pytest.raises(PipelineError, match="train.compile trains on full batches only.* 8 training images"):
+        run_fit(tmp_path, train, images=8)
 
 
 def test_a_resume_state_from_other_params_is_discarded(tmp_path, monkeypatch, capsys):

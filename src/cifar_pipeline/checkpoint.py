@@ -38,12 +38,25 @@ def _plain(value: Any, where: str) -> Any:
     raise TypeError(f"checkpoint entry {where} is a {type(value).__name__}: torch.load(weights_only=True) refuses it")
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, model_name: str, model_kwargs: dict, **extra: Any) -> None:
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict, without the prefix torch.compile's wrapper adds."""
     state = getattr(model, "_orig_mod", model).state_dict()
-    state = {key.removeprefix(COMPILED_PREFIX): value for key, value in state.items()}
-    checkpoint = {"format": FORMAT, "model_name": model_name, "model_kwargs": model_kwargs, "state_dict": state}
+    return {key.removeprefix(COMPILED_PREFIX): value for key, value in state.items()}
+
+
+def make_checkpoint(state_dict: dict, model_name: str, model_kwargs: dict, **extra: Any) -> dict[str, Any]:
+    checkpoint = {"format": FORMAT, "model_name": model_name, "model_kwargs": model_kwargs, "state_dict": state_dict}
     checkpoint.update(extra)
-    save_torch(path, _plain(checkpoint, "checkpoint"))
+    return checkpoint
+
+
+def save_plain(path: str | Path, obj: dict[str, Any]) -> None:
+    """Save `obj` atomically with its tensors on the CPU; refuse anything torch.load(weights_only=True) would."""
+    save_torch(path, _plain(obj, "checkpoint"))
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, model_name: str, model_kwargs: dict, **extra: Any) -> None:
+    save_plain(path, make_checkpoint(model_state(model), model_name, model_kwargs, **extra))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -7,6 +7,7 @@ and are read once per epoch (and every few steps by the progress bar, on a termi
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import time
@@ -125,6 +126,34 @@ def new_model(model: ModelParams, seed: int, runtime: Runtime) -> nn.Module:
     """A freshly initialised model on the runtime's device: lr-find and train start from the same weights."""
     torch.manual_seed(seed)
     return prepare_model(build_model(model.name, **model_kwargs(model)), runtime)
+
+
+def compile_model(model: nn.Module, mode: str) -> nn.Module:
+    """torch.compile for the train step (`train.compile`), with static shapes: FullBatches keeps them static.
+
+    The compiled module shares the model's parameters; evaluation runs the model itself, eagerly: its last batch has
+    another shape, and eval-mode batch norm would be another graph to compile.
+    """
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
+
+
+class FullBatches:
+    """A training loader's full batches only: every batch has one shape, so torch.compile builds one graph and CUDA
+    graphs record once. The shuffle leaves out other images each epoch (fewer than a batch), as drop_last does.
+
+    Its len is the number of steps an epoch, which the One Cycle schedule must be built with.
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.dataset = loader.dataset
+        self.batch_sampler = loader.batch_sampler  # for data.set_epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset) // self.batch_sampler.batch_size
+
+    def __iter__(self) -> Iterator:
+        return itertools.islice(iter(self.loader), len(self))
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, runtime: Runtime) -> torch.optim.Adam:

@@ -18,6 +18,8 @@ from cifar_pipeline.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
 # Keys that older params.yaml files may still hold, and what replaced them.
+# torch.compile's modes that train.compile takes (false: no compiling).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 RENAMED = {"train.amp": "train.precision (auto | fp32 | bf16 | fp16; amp: true is auto, amp: false is fp32)"}
 
 
@@ -113,6 +115,14 @@ class TrainParams(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     deterministic: bool = False
+    compile: Literal[False, "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = False
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_mode(cls, value: Any) -> Any:
+        if value is not False and value not in COMPILE_MODES:
+            raise ValueError(f"must be false (no compiling) or a torch.compile mode: {', '.join(COMPILE_MODES)}")
+        return value
 
     @field_validator("max_lr")
     @classmethod

@@ -3,10 +3,15 @@
 Outputs: models/model.pt (last epoch), models/best.pt (best test accuracy, or best validation accuracy when
 data.val_size > 0), and DVCLive's reports/train/{metrics.json, plots/metrics/**.tsv, plots/custom/lr_schedule.json}.
 
-After every completed epoch the whole state of the run (weights, optimizer, scheduler, grad scaler, history, RNG
+After a completed epoch the whole state of the run (weights, optimizer, scheduler, grad scaler, history, RNG
 states) goes atomically to .resume/train.pt with a fingerprint of the params and inputs. A rerun with the same
-fingerprint continues after the last completed epoch and ends with the same weights and metrics as an uninterrupted
+fingerprint continues after the last saved epoch and ends with the same weights and metrics as an uninterrupted
 run; with another fingerprint it starts afresh. The file is removed when the run finishes.
+
+The resume state and models/best.pt are written by a background thread (checkpoint_writer.py): the training
+thread copies the tensors into buffers reused every epoch and goes on; it waits only if the last epoch's files are
+still being written. A kill during a write leaves the previous files in place (each is renamed into place whole), so
+the rerun resumes from the epoch before, with the same result.
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ from dvclive import Live
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cifar_pipeline.atomic import save_torch
-from cifar_pipeline.checkpoint import save_checkpoint
+from cifar_pipeline.checkpoint import make_checkpoint, model_state, save_plain
+from cifar_pipeline.checkpoint_writer import CheckpointWriter
 from cifar_pipeline.data import set_epoch
 from cifar_pipeline.engine import (
+    FullBatches,
     Runtime,
+    compile_model,
     evaluate,
     make_optimizer,
     make_scaler,
@@ -124,10 +131,6 @@ def load_resume_state(path: str | Path, expected_fingerprint: str, best_path: st
     return state
 
 
-def _save_resume_state(path: str | Path, state: dict[str, Any]) -> None:
-    save_torch(path, {**state, "rng": _rng_states()})
-
-
 def _log_epoch(live: Live, record: dict[str, float], best: dict[str, Any]) -> None:
     """One epoch's metrics as DVCLive step `epoch`, and the best-so-far in the summary only."""
     live.step = record["epoch"]
@@ -205,8 +208,19 @@ def fit(
     into both checkpoints as it is.
     """
     started = time.perf_counter()
+    step_model, train_batches = model, train_loader
+    if train.compile:
+        train_batches = FullBatches(train_loader)
+        if len(train_batches) == 0:
+            raise PipelineError(
+                f"train.compile trains on full batches only, and the {len(train_loader.dataset)} training images "
+                f"make no full batch of train.batch_size {train.batch_size}: lower train.batch_size or set "
+                "train.compile: false"
+            )
+        step_model = compile_model(model, train.compile)
     optimizer = make_optimizer(model, max_lr / train.div_factor, train.weight_decay, runtime)
-    scheduler = make_scheduler(optimizer, max_lr, train.epochs, len(train_loader), train.peak_epoch, train.div_factor)
+    # One Cycle's length in steps: with train.compile, the full batches an epoch.
+    scheduler = make_scheduler(optimizer, max_lr, train.epochs, len(train_batches), train.peak_epoch, train.div_factor)
     scaler = make_scaler(runtime)
     best_split = "val" if "val" in eval_loaders else "test"
     history: list[dict[str, float]] = []
@@ -234,15 +248,14 @@ def fit(
     if state is not None:
         _restore_rng_states(state["rng"])  # last: building the model and loaders drew from the RNGs
 
-    def checkpoint(path: str | Path, record: dict[str, float], loss: float) -> None:
-        save_checkpoint(
-            path,
-            model,
+    def checkpoint(state: dict[str, Any], record: dict[str, float], loss: float) -> dict[str, Any]:
+        return make_checkpoint(
+            state["model"],
             model_name,
             model_kwargs,
             epoch=int(record["epoch"]),
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
+            optimizer=state["optimizer"],
+            scheduler=state["scheduler"],
             loss=loss,
             max_lr=max_lr,
             max_lr_source=max_lr_source,
@@ -253,46 +266,61 @@ def fit(
             **checkpoint_extra,
         )
 
-    for epoch in range(first_epoch, train.epochs + 1):
-        epoch_start = time.perf_counter()
-        set_epoch(train_loader, epoch - 1)
-        stats = train_epoch(model, train_loader, optimizer, scheduler, scaler, runtime, desc=f"epoch {epoch}")
-        record: dict[str, float] = {"epoch": epoch, "train/loss": stats.loss, "train/acc": stats.acc}
-        for split, loader in eval_loaders.items():
-            record[f"{split}/loss"], record[f"{split}/acc"] = evaluate(model, loader, runtime)
-        record["lr"] = stats.lrs[-1]  # the LR of the epoch's last step: max_lr at the end of train.peak_epoch
-        record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 3)  # training and evaluation
-        record["images_per_s"] = round(stats.images_per_s, 1)
-        history.append(record)
-        lr_history.extend(stats.lrs)
+    def training_state() -> dict[str, Any]:
+        return {
+            "model": model_state(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+        }
 
-        if record[f"{best_split}/acc"] > best["acc"]:
-            best = {"split": best_split, "acc": record[f"{best_split}/acc"], "epoch": epoch}
-            checkpoint(best_path, record, stats.loss)
-        _log_epoch(live, record, best)
-        _log_lr_schedule(live, lr_history)
-        print(_epoch_line(record, train.epochs), flush=True)
+    writer = CheckpointWriter()
+    try:
+        for epoch in range(first_epoch, train.epochs + 1):
+            epoch_start = time.perf_counter()
+            set_epoch(train_loader, epoch - 1)
+            stats = train_epoch(step_model, train_batches, optimizer, scheduler, scaler, runtime, desc=f"epoch {epoch}")
+            record: dict[str, float] = {"epoch": epoch, "train/loss": stats.loss, "train/acc": stats.acc}
+            for split, loader in eval_loaders.items():
+                record[f"{split}/loss"], record[f"{split}/acc"] = evaluate(model, loader, runtime)
+            record["lr"] = stats.lrs[-1]  # the LR of the epoch's last step: max_lr at the end of train.peak_epoch
+            record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 3)  # training and evaluation
+            record["images_per_s"] = round(stats.images_per_s, 1)
+            history.append(record)
+            lr_history.extend(stats.lrs)
 
-        wall_time_s = elapsed_before + time.perf_counter() - started
-        if epoch < train.epochs:
-            _save_resume_state(
-                resume_path,
-                {
+            improved = record[f"{best_split}/acc"] > best["acc"]
+            if improved:
+                best = {"split": best_split, "acc": record[f"{best_split}/acc"], "epoch": epoch}
+            _log_epoch(live, record, best)
+            _log_lr_schedule(live, lr_history)
+            print(_epoch_line(record, train.epochs), flush=True)
+
+            wall_time_s = elapsed_before + time.perf_counter() - started
+            if epoch < train.epochs:
+                state = writer.snapshot(training_state())
+                resume_state = {
                     "fingerprint": run_fingerprint,
                     "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "history": history,
-                    "lr_history": lr_history,
+                    **state,
+                    "history": list(history),
+                    "lr_history": list(lr_history),
                     "best": best,
                     "wall_time_s": wall_time_s,
-                },
-            )
-        else:
-            checkpoint(model_path, record, stats.loss)
-            live.log_metric("wall_time_s", round(wall_time_s, 3), plot=False)
+                    "rng": _rng_states(),
+                }
+                # best.pt first: a resume state on disk never names a best epoch that best.pt does not hold yet.
+                best_file = [(best_path, checkpoint(state, record, stats.loss))] if improved else []
+                writer.write([*best_file, (resume_path, resume_state)])
+            else:
+                writer.wait()
+                state = training_state()
+                if improved:
+                    save_plain(best_path, checkpoint(state, record, stats.loss))
+                save_plain(model_path, checkpoint(state, record, stats.loss))
+                live.log_metric("wall_time_s", round(wall_time_s, 3), plot=False)
+    finally:
+        writer.close()  # on an error too: the files already handed over are written
     live.end()
     Path(resume_path).unlink(missing_ok=True)
     return live.summary

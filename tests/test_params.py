@@ -52,6 +52,8 @@ def test_shipped_params_file_sets_every_key_explicitly():
         ({"lr_find": {"start_lr": 1.0, "end_lr": 0.1}}, "lr_find.end_lr (0.1) must be greater than"),
         ({"augment": {"hflip_p": 1.5}}, "augment.hflip_p = 1.5: must be less than or equal to 1"),
         ({"seed": "x"}, "seed = 'x'"),
+        ({"report": {"tta": "yes"}}, "report.tta = 'yes': must be true or false"),
+        ({"report": {"tta": 1}}, "report.tta = 1: must be true or false"),
     ],
 )
 def test_bad_params_are_named_with_key_value_and_what_is_allowed(raw, expected):

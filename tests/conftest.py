@@ -38,3 +38,13 @@ def dvc_plot_values(project: Path, name: str, x: str, file: str, y: str) -> list
     assert "errors" not in rendered, rendered["errors"]
     [plot] = rendered["data"][name]
     return plot["content"]["data"]["values"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """(checkpoint path, training images, labels) of a model trained on a tiny colour set: it knows their labels."""
+    from tiny_model import train_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny_model") / "model.pt"
+    images, labels = train_tiny_model(path)
+    return path, images, labels

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from archives import CLASSES, encode_image, write_tar
 from conftest import ROOT
+from PIL import Image
 
 pytestmark = pytest.mark.e2e
 
@@ -157,6 +158,32 @@ def test_second_repro_reruns_nothing(project):
     assert stages_run(result.stdout) == []
     for stage in STAGES:
         assert f"Stage '{stage}' didn't change, skipping" in result.stdout
+
+
+def test_model_registry_serves_the_trained_model_by_name_and_version(project, tmp_path):
+    from dvc.repo import Repo
+
+    # What DVC Studio's registry reads: the artifact declared in dvc.yaml, with its type, description and labels.
+    declared = Repo(str(project)).artifacts.read()["dvc.yaml"]["cifar10-classifier"]
+    assert declared.path == "models/model.pt" and declared.type == "model"
+    assert "CIFAR-10" in declared.desc and {"cifar10", "pytorch"} <= set(declared.labels)
+
+    registered = run(project, "gto", "register", "cifar10-classifier", "--version", "v1.0.0")
+    assert "cifar10-classifier@v1.0.0" in registered.stdout + registered.stderr
+    assert json.loads(run(project, "gto", "show", "--json").stdout)["cifar10-classifier"]["version"] == "v1.0.0"
+    model = project / "models/model.pt"
+    for rev in (["--rev", "v1.0.0"], []):  # a given version, then the latest
+        out = tmp_path / f"model{len(rev)}.pt"
+        result = dvc(project, "artifacts", "get", str(project), "cifar10-classifier", *rev, "-o", str(out))
+        assert f"Downloaded 1 file(s) to '{out}'" in result.stdout + result.stderr
+        assert out.read_bytes() == model.read_bytes()
+
+    # The model from the registry classifies an image.
+    with np.load(project / "data/cifar10/test.npz") as test:
+        Image.fromarray(test["images"][0]).save(tmp_path / "test0.png")
+    predicted = run(tmp_path, "cifar-predict", "test0.png", "--model", str(out), "--json").stdout
+    top = json.loads(predicted)["predictions"][0]["top_k"]
+    assert len(top) == 3 and top[0]["class"] in CLASSES and 0 <= top[0]["probability"] <= 1
 
 
 def restore(project: Path) -> None:

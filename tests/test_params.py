@@ -60,6 +60,8 @@ def test_shipped_params_file_sets_every_key_explicitly():
         ({"augment": {"hflip_p": 1.5}}, "augment.hflip_p = 1.5: must be less than or equal to 1"),
         ({"augment": {"backend": "cuda"}}, "augment.backend = 'cuda': must be 'auto', 'albumentations' or 'gpu'"),
         ({"seed": "x"}, "seed = 'x'"),
+        ({"report": {"tta": "yes"}}, "report.tta = 'yes': must be true or false"),
+        ({"report": {"tta": 1}}, "report.tta = 1: must be true or false"),
     ],
 )
 def test_bad_params_are_named_with_key_value_and_what_is_allowed(raw, expected):

@@ -1,7 +1,9 @@
 """Keep the README true: every param is documented, and every dvc command it shows is exercised by a test."""
 
 import json
+import os
 import re
+from pathlib import Path
 from typing import get_args
 
 from conftest import ROOT
@@ -54,3 +56,58 @@ def test_the_rule_table_names_every_rule_and_its_picks_on_the_stored_curves():
         for model, shown in (("custom_resnet", custom_resnet), ("dilated_net", dilated_net)):
             picked = lr_finder.suggest_lr(curves[model], LrFindParams(rule=rule))
             assert f"{picked:.3g}" == shown, f"README shows {shown} for {rule} on {model}, the curve gives {picked:.3g}"
+
+
+def using_the_model_blocks(language: str) -> list[str]:
+    section = README.split("## Using the model", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", section, flags=re.DOTALL)
+
+
+def test_every_gto_command_in_the_readme_is_exercised_by_the_end_to_end_tests():
+    e2e = (ROOT / "tests" / "test_e2e.py").read_text()
+    lines = [line.split("#")[0] for block in using_the_model_blocks("bash") for line in block.splitlines()]
+    commands = {line.split()[1] for line in lines if line.startswith("gto ")}
+    assert commands
+    for command in commands:
+        assert re.search(rf'run\(\s*\w+,\s*"gto",\s*"{command}"', e2e), f"README shows `gto {command}`, no test runs it"
+
+
+def test_using_the_model_commands_run_as_shown(tiny_model, tmp_path):
+    """Every cifar-* command and the Python example of "Using the model", in a project with a trained model."""
+    import shutil
+    import subprocess
+    import sys
+
+    from archives import CLASSES
+    from PIL import Image
+    from tiny_model import colour_images
+
+    model, _, _ = tiny_model
+    (tmp_path / "models").mkdir()
+    for name in ("model.pt", "best.pt"):
+        shutil.copy(model, tmp_path / "models" / name)
+    images, labels = colour_images(per_class=1, seed=3)
+    (tmp_path / "my_photos/holidays").mkdir(parents=True)
+    for image, label in zip(images, labels, strict=True):
+        folder = "my_photos" if label % 2 else "my_photos/holidays"
+        Image.fromarray(image).resize((96, 96)).save(tmp_path / folder / f"{CLASSES[label]}.jpg", quality=95)
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    lines = [line for block in using_the_model_blocks("bash") for line in block.splitlines()]
+    commands = [line.split("  #")[0].rstrip() for line in lines if line.startswith("cifar-")]
+    assert any(c.startswith("cifar-predict") for c in commands) and any(c.startswith("cifar-export") for c in commands)
+    outputs = {}
+    for command in commands:
+        result = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, f"{command}\n{result.stderr}"
+        outputs[command] = result.stdout
+    assert outputs["cifar-predict my_photos/cat.jpg"].startswith("my_photos/cat.jpg: cat ")
+    predictions = json.loads((tmp_path / "predictions.json").read_text())["predictions"]
+    assert {p["file"]: p["top_k"][0]["class"] for p in predictions} == {
+        str(path.relative_to(tmp_path)): path.stem for path in sorted((tmp_path / "my_photos").rglob("*.jpg"))
+    }
+
+    [example] = using_the_model_blocks("python")
+    result = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "cat\n"

@@ -241,6 +241,43 @@ def test_per_class_json_matches_the_predictions(project):
         assert result["per_class_acc"][name] == pytest.approx(100 * sum(in_class) / len(in_class), abs=0.01)
 
 
+def test_flip_tta_accuracy_is_reported_beside_the_plain_one(project):
+    root, _ = project
+    probs, labels, images = reference_predictions(root)
+    ckpt = torch.load(root / "models/model.pt", weights_only=True)
+    model = model_from_checkpoint(ckpt)
+    with torch.no_grad():
+        plain = model(eval_batch(images, ckpt["mean"], ckpt["std"]))
+        mirrored = model(eval_batch(np.ascontiguousarray(images[:, :, ::-1]), ckpt["mean"], ckpt["std"]))
+    expected = 100 * ((plain + mirrored) / 2).argmax(dim=1).eq(torch.from_numpy(labels)).float().mean().item()
+    result = json.loads((root / "reports/per_class.json").read_text())
+    assert result["test_acc_flip_tta"] == pytest.approx(expected, abs=0.01)
+    # The headline stays the plain accuracy; the mirrors change some answers, so the two are not one number.
+    assert result["test_acc"] == pytest.approx(100 * (probs.argmax(axis=1) == labels).mean(), abs=0.01)
+    assert not torch.equal(plain.argmax(dim=1), ((plain + mirrored) / 2).argmax(dim=1))
+    text = (root / "reports/summary.md").read_text()
+    gain = result["test_acc_flip_tta"] - result["test_acc"]
+    row = "| Final test accuracy with flip TTA (mean logits of each image and its mirror) | "
+    assert row + f"{result['test_acc_flip_tta']:.2f}% ({gain:+.2f} points) |" in text
+
+
+def test_tta_false_skips_the_flip_evaluation(project, tmp_path):
+    shutil.copytree(project[0], tmp_path / "project")
+    params_file = tmp_path / "project/params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["report"]["tta"] = False
+    params_file.write_text(yaml.safe_dump(params))
+    result = run_report(tmp_path / "project")
+    assert result.returncode == 0, result.stderr
+    assert "flip TTA" not in result.stdout
+    metrics = json.loads((tmp_path / "project/reports/per_class.json").read_text())
+    assert "test_acc_flip_tta" not in metrics
+    with_tta = json.loads((project[0] / "reports/per_class.json").read_text())
+    assert metrics == {key: value for key, value in with_tta.items() if key != "test_acc_flip_tta"}
+    text = (tmp_path / "project/reports/summary.md").read_text()
+    assert "| Final test accuracy with flip TTA (mean logits of each image and its mirror) | not measured" in text
+
+
 def test_pictures_and_model_summary_are_written(project):
     root, _ = project
     for name in ("misclassified.png", "metrics_curves.png"):

@@ -45,18 +45,22 @@ class Runtime:
         return images, labels.to(self.device, non_blocking=non_blocking)
 
 
-def pick_device(setting: str) -> torch.device:
-    """`auto`: CUDA, then Apple MPS, then the CPU. An explicitly requested device must exist."""
+def pick_device(setting: str, key: str = "train.device") -> torch.device:
+    """`auto`: CUDA, then Apple MPS, then the CPU. An explicitly requested device must exist.
+
+    `key` is where the user chose `setting` (a params.yaml key, or a command-line option such as --device).
+    """
     if setting not in ("auto", "cpu", "cuda", "mps"):
-        raise PipelineError(f"train.device must be auto, cpu, cuda or mps, got {setting!r}")
+        raise PipelineError(f"{key} must be auto, cpu, cuda or mps, got {setting!r}")
     cuda = torch.cuda.is_available()
     mps = torch.backends.mps.is_available()
     if setting == "auto":
         return torch.device("cuda" if cuda else "mps" if mps else "cpu")
     if (setting == "cuda" and not cuda) or (setting == "mps" and not mps):
+        in_params = "" if key.startswith("-") else " in params.yaml"
         raise PipelineError(
-            f"train.device is {setting!r} but no {setting.upper()} device is available here: "
-            "set train.device to auto (or cpu) in params.yaml"
+            f"{key} is {setting!r} but no {setting.upper()} device is available here: "
+            f"set {key} to auto (or cpu){in_params}"
         )
     return torch.device(setting)
 

@@ -140,6 +140,15 @@ class TrainParams(_Section):
 
 class ReportParams(_Section):
     misclassified: int = Field(default=20, ge=1, le=200)
+    tta: bool = True
+
+    @field_validator("tta", mode="before")
+    @classmethod
+    def _true_or_false(cls, value: Any) -> Any:
+        # pydantic would also take 'yes', 'off', 0 or 1: a YAML boolean says what is meant.
+        if not isinstance(value, bool):
+            raise ValueError("must be true or false")
+        return value
 
 
 class Params(_Section):

@@ -2,7 +2,8 @@
 
 Outputs (all under reports/): predictions.csv (one row per test image, DVC's confusion plot), per_class.json
 (DVC metrics), misclassified.png, metrics_curves.png, model_summary.txt and summary.md, which ties them together
-with the run's numbers and each stage's wall time.
+with the run's numbers and each stage's wall time. With report.tta the test split is also evaluated with horizontal-flip
+test-time augmentation; the headline (test_acc) stays the plain accuracy, test_acc_flip_tta sits beside it.
 """
 
 from __future__ import annotations
@@ -15,15 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from cifar_pipeline.atomic import save_figure, write_json, write_text
 from cifar_pipeline.checkpoint import load_checkpoint, model_from_checkpoint
 from cifar_pipeline.dataset import CLASSES, load_test_split
 from cifar_pipeline.engine import pick_device
 from cifar_pipeline.errors import PipelineError, require_inputs
-from cifar_pipeline.normalization import normalizer
+from cifar_pipeline.inference import batch_logits, flip_tta_logits, softmax
 from cifar_pipeline.params import Params
 from cifar_pipeline.plots import metrics_curves, misclassified_grid
 from cifar_pipeline.summary import model_summary_text
@@ -55,29 +54,14 @@ STAGE_TIMES = {
 }
 
 
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    images: np.ndarray,
-    mean: list[float],
-    std: list[float],
-    device: torch.device,
-    batch_size: int = 500,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted class (int64) and its softmax probability (float32) for each uint8 NHWC image, normalised as the
-    loaders normalise, a whole batch at a time on the device."""
-    model = model.to(device).eval()
-    normalize = normalizer(mean, std, device)
-    preds, confidences = [], []
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(images[start : start + batch_size]).to(device).permute(0, 3, 1, 2)
-        logits = model(normalize(batch))
-        confidence, pred = logits.float().softmax(dim=1).max(dim=1)
-        preds.append(pred.cpu().numpy())
-        confidences.append(confidence.cpu().numpy())
-    if not preds:
-        raise PipelineError("the test split is empty: nothing to evaluate")
-    return np.concatenate(preds).astype(np.int64), np.concatenate(confidences).astype(np.float32)
+def top_class(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted class (int64) and its softmax probability (float32) for each row of logits."""
+    probs = softmax(logits)
+    return probs.argmax(axis=1).astype(np.int64), probs.max(axis=1).astype(np.float32)
+
+
+def accuracy_percent(labels: np.ndarray, logits: np.ndarray) -> float:
+    return round(100.0 * float((logits.argmax(axis=1) == labels).mean()), 2)
 
 
 def pick_misclassified(labels: np.ndarray, preds: np.ndarray, confidences: np.ndarray, count: int) -> np.ndarray:
@@ -207,11 +191,17 @@ def summary_markdown(
     def pct(value: float | None) -> str:
         return "n/a" if value is None else f"{float(value):.2f}%"
 
+    def flip_tta(accuracy: dict) -> str:
+        if (tta := accuracy.get("test_acc_flip_tta")) is None:
+            return "not measured (report.tta: false)"
+        return f"{pct(tta)} ({tta - accuracy['test_acc']:+.2f} points)"
+
     known = [t for t in wall_times.values() if t is not None]
     total = "total" if len(known) == len(wall_times) else "total of the stages with a time"
     rows = [
         f"| Final test accuracy (epoch {epochs}, models/model.pt) | **{pct(accuracy['test_acc'])}** "
         f"({accuracy['correct']:,} of {accuracy['total']:,}) |",
+        f"| Final test accuracy with flip TTA (mean logits of each image and its mirror) | {flip_tta(accuracy)} |",
         f"| {best_name} | {pct(best)}" + (f" (epoch {best_epoch})" if best_epoch is not None else "") + " |",
         f"| Train accuracy (epoch {epochs}, on augmented batches) | {pct(train_acc)} |",
         f"| Epochs | {epochs} |",
@@ -274,9 +264,15 @@ def run_report(params: Params) -> None:
     model = model_from_checkpoint(ckpt)
     device = pick_device(params.train.device)
     images, labels = test_images, np.asarray(test_labels, dtype=np.int64)
-    preds, confidences = predict(model, images, ckpt["mean"], ckpt["std"], device)
+    if not len(labels):
+        raise PipelineError("the test split is empty: nothing to evaluate")
+    logits = batch_logits(model, images, ckpt["mean"], ckpt["std"], device)
+    preds, confidences = top_class(logits)
 
     accuracy = per_class_accuracy(labels, preds, classes)
+    if params.report.tta:
+        mirrored = batch_logits(model, images, ckpt["mean"], ckpt["std"], device, mirror=True)
+        accuracy["test_acc_flip_tta"] = accuracy_percent(labels, flip_tta_logits(logits, mirrored))
     write_text(OUT / "predictions.csv", predictions_csv(labels, preds, confidences, classes))
     write_json(OUT / "per_class.json", accuracy)
 
@@ -297,4 +293,6 @@ def run_report(params: Params) -> None:
     wall_times = stage_wall_times(time.perf_counter() - started)
     text = summary_markdown(ckpt, accuracy, train_metrics, lr_find, num_params, wall_times, str(device))
     write_text(OUT / "summary.md", text)
-    print(f"test accuracy {accuracy['test_acc']:.2f}% ({wrong} mistakes); wrote {OUT}/summary.md")
+    tta = accuracy.get("test_acc_flip_tta")
+    with_tta = f", {tta:.2f}% with flip TTA" if tta is not None else ""
+    print(f"test accuracy {accuracy['test_acc']:.2f}% ({wrong} mistakes){with_tta}; wrote {OUT}/summary.md")

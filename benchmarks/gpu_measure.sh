@@ -90,8 +90,9 @@ if [ "$smoke" = 1 ]; then
     run_s=40 first_run_s=60 bench_s=60 profile_s=20
     bench_args=(--model dilated_net --batch-size 32 --batches 2 --repeats 1 --loader-batches 4 --skip stage)
     profile_args=(--model dilated_net --batch-size 32 --steps 1)
+    # 100 range-test steps from 1e-5: on 200 real CIFAR-10 images 30 steps from 1e-4 never saw the loss fall 5%.
     common+=(model.name=dilated_net data.train_subset=200 data.test_subset=100 train.epochs=1 train.peak_epoch=1 train.batch_size=64
-        lr_find.start_lr=1e-4 lr_find.end_lr=3 lr_find.num_iter=30)
+        lr_find.start_lr=1e-5 lr_find.end_lr=1 lr_find.num_iter=100)
 fi
 other_backend=$(python -c 'import yaml; b = yaml.safe_load(open("params.yaml"))["augment"]["backend"]
 print("albumentations" if b in ("auto", "gpu") else "gpu")')

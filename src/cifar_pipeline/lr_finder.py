@@ -121,7 +121,7 @@ def suggest_index(lrs: list[float], losses: list[float], rule: str, lo: int = 0,
         first = max(0, last - length)
         third = (last - first) / 3
         return first + int(third) + int(third / 2)
-    raise PipelineError(f"suggest_index takes steepest or valley (suggest_lr handles minimum), got {rule!r}")
+    raise PipelineError(f"suggest_index takes steepest or valley (suggest_lr does the others), got {rule!r}")
 
 
 def centred_average(raw_losses: list[float], smooth: float) -> np.ndarray:

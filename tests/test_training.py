@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -275,6 +276,18 @@ def test_fingerprint_follows_params_and_inputs_but_not_workers(tmp_path):
     assert training.fingerprint(base, 0.1, [stats]) != same
 
 
+def test_fingerprint_follows_the_package_source_but_not_where_it_lies(tmp_path):
+    """A run killed under old code must not be resumed by new code; a clone moved elsewhere may resume."""
+    base = parse_params({})
+    code = tmp_path / "moved" / "cifar_pipeline"
+    shutil.copytree(training.PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__"))
+    same = training.fingerprint(base, 0.1, [])
+    assert training.fingerprint(base, 0.1, [], code_dir=code) == same
+    model_file = code / "models" / "__init__.py"
+    model_file.write_text(model_file.read_text() + "\n# an edit\n")
+    assert training.fingerprint(base, 0.1, [], code_dir=code) != same
+
+
 def test_fit_logs_every_metric_and_the_one_cycle_schedule(tmp_path, capsys):
     train = TrainParams(epochs=3, peak_epoch=2, div_factor=10.0, device="cpu")
     summary = run_fit(tmp_path, train, max_lr=0.05)
@@ -454,7 +467,7 @@ def test_a_resume_state_from_other_params_is_discarded(tmp_path, monkeypatch, ca
     engine.seed_everything(0)
     run_fit(tmp_path, train, fingerprint="new")
     out = capsys.readouterr().out
-    assert "other params or inputs" in out and "resuming" not in out
+    assert "other params, inputs or code" in out and "resuming" not in out
     rows = read_tsv(tmp_path / "reports/train/plots/metrics/train/loss.tsv")
     assert [int(r["step"]) for r in rows] == [1, 2]  # trained from epoch 1, not continued
     assert not (tmp_path / ".resume/train.pt").exists()

@@ -4,9 +4,9 @@ Outputs: models/model.pt (last epoch), models/best.pt (best test accuracy, or be
 data.val_size > 0), and DVCLive's reports/train/{metrics.json, plots/metrics/**.tsv, plots/custom/lr_schedule.json}.
 
 After a completed epoch the whole state of the run (weights, optimizer, scheduler, grad scaler, history, RNG
-states) goes atomically to .resume/train.pt with a fingerprint of the params and inputs. A rerun with the same
-fingerprint continues after the last saved epoch and ends with the same weights and metrics as an uninterrupted
-run; with another fingerprint it starts afresh. The file is removed when the run finishes.
+states) goes atomically to .resume/train.pt with a fingerprint of the params, inputs and package source. A rerun
+with the same fingerprint continues after the last saved epoch and ends with the same weights and metrics as an
+uninterrupted run; with another fingerprint it starts afresh. The file is removed when the run finishes.
 
 The resume state and models/best.pt are written by a background thread (checkpoint_writer.py): the training
 thread copies the tensors into buffers reused every epoch and goes on; it waits only if the last epoch's files are
@@ -71,10 +71,15 @@ def resolve_max_lr(setting: float | str, lr_find_path: str | Path = LR_FIND_PATH
     return float(suggested), "lr-find"
 
 
-def fingerprint(params: Params, max_lr: float, files: Iterable[str | Path]) -> str:
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def fingerprint(params: Params, max_lr: float, files: Iterable[str | Path], code_dir: str | Path = PACKAGE_DIR) -> str:
     """A hash of everything the train stage's result depends on: a resume state is only valid under the same one.
 
     data.num_workers is left out: the augmentations do not depend on it, so a resumed run may use other workers.
+    The package's source is in: DVC reruns the stage after a code change, and a run killed under the old code must
+    not be continued by the new one (the half-trained weights would pass for the new code's result).
     """
     digest = hashlib.sha256()
     settings = params.model_dump(
@@ -85,6 +90,10 @@ def fingerprint(params: Params, max_lr: float, files: Iterable[str | Path]) -> s
         path = Path(path)
         digest.update(str(path).encode())
         digest.update(path.read_bytes() if path.is_file() else b"<missing>")
+    code_dir = Path(code_dir)
+    for path in sorted(code_dir.rglob("*.py")):  # by package-relative name, so a moved clone can still resume
+        digest.update(path.relative_to(code_dir).as_posix().encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
@@ -119,7 +128,8 @@ def load_resume_state(path: str | Path, expected_fingerprint: str, best_path: st
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        reason = "it was made with other params or inputs" if state.get("fingerprint") != expected_fingerprint else ""
+        stale = state.get("fingerprint") != expected_fingerprint
+        reason = "it was made with other params, inputs or code" if stale else ""
     except Exception as exc:  # written atomically, so only a foreign or damaged file gets here
         reason = f"not a readable resume state ({exc})"
     if not reason and not Path(best_path).is_file():

@@ -17,14 +17,16 @@ not depend on the content), with the same model, batch size and device, the best
   loader  the loaders alone: Albumentations at our worker count and at 2, and the device loader (gpu backend).
   eval    evaluation: the notebook's (2 workers, .item() per batch) and engine.evaluate with each backend.
   stage   each `dvc repro` stage's wall time, from the wall_time_s of its outputs beside the params file.
-  ceiling the most images/s the device could train at: its measured matmul peak (fp32, and bf16 where it has bf16
-          hardware) over the model's conv and matmul FLOPs for one train image (forward and backward). A step row
-          near its ceiling has nothing left to gain in that precision.
+  ceiling the most images/s the device could train at: its measured dense peak (fp32, and bf16 where it has bf16
+          hardware; the faster of a large matmul and a large channels_last 3x3 conv, since on some CPUs the conv
+          library beats the BLAS) over the model's conv and matmul FLOPs for one train image (forward and backward,
+          grouped convs counted per group). A step row near its ceiling has nothing left to gain in that precision.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -41,7 +43,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from cifar_pipeline.atomic import write_json
 from cifar_pipeline.data import resolve_num_workers, set_epoch
@@ -316,21 +318,42 @@ def eval_rows(setup: Setup) -> list[dict[str, Any]]:
     return rows
 
 
+def conv_backward_flop(grad_out_shape, x_shape, w_shape, *args, **kwargs) -> int:
+    """FLOPs of a conv's backward: each gradient asked for (input, weight) costs what the forward costs.
+
+    torch's own formula (torch 2.14) counts the weight gradient of a grouped conv as if it were dense, `groups` times
+    too many: a depthwise conv's backward came out 65x its forward, and dilated_net's train image 0.226 GFLOP
+    instead of 0.189. The forward formula reads the groups from the weight's shape, so it is right for any groups."""
+    transposed, output_mask = args[4], args[7]
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
 def train_gflop_per_image(model: nn.Module, batch: int = 8) -> float:
     """Conv and matmul GFLOPs of one train image: forward, and backward as autograd runs it (no input gradient)."""
     images, labels = torch.zeros(batch, 3, 32, 32), torch.zeros(batch, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flop}) as c:
         nn.functional.cross_entropy(model(images), labels).backward()
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / batch / 1e9
+    return c.get_total_flops() / batch / 1e9
 
 
-def matmul_gflop_per_s(setup: Setup, dtype: torch.dtype, size: int = 4096) -> float:
-    """The device's dense matmul rate in `dtype`, best of setup.repeats: what its conv kernels can at most reach."""
+def dense_gflop_per_s(setup: Setup, dtype: torch.dtype, size: int = 4096, repeats: int = 3) -> float:
+    """The device's dense rate in `dtype`: the faster of a size x size matmul (BLAS: MKL, cuBLAS) and a 3x3 conv of
+    256 channels at 16x16, channels_last (oneDNN, cuDNN), each the best of `repeats`. Both are needed: on a Zen 4
+    CPU MKL's sgemm reached 186 GFLOP/s where oneDNN's convs reached 246, so a matmul peak alone let a measured step
+    pass its "ceiling". At least 3 runs each, so that a moment of load on a shared machine does not lower it."""
+    timed = dataclasses.replace(setup, repeats=max(setup.repeats, repeats))
     a = torch.randn(size, size, device=setup.device).to(dtype)
     b = torch.randn(size, size, device=setup.device).to(dtype)
     a @ b
-    return 2 * size**3 / best_time(setup, torch.matmul, a, b) / 1e9
+    matmul = 2 * size**3 / best_time(timed, torch.matmul, a, b)
+    conv = nn.Conv2d(256, 256, 3, padding=1, bias=False).to(setup.device, dtype, memory_format=torch.channels_last)
+    x = torch.randn(64, 256, 16, 16, device=setup.device).to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        conv(x)
+        convolution = 2 * 64 * 256 * 256 * 9 * 16 * 16 / best_time(timed, conv, x)
+    return max(matmul, convolution) / 1e9
 
 
 def ceiling_rows(setup: Setup) -> list[dict[str, Any]]:
@@ -344,10 +367,10 @@ def ceiling_rows(setup: Setup) -> list[dict[str, Any]]:
         has_bf16 = setup.device.type == "cpu" and cpu_has_native_bf16()
     rows = []
     for name, dtype in [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if has_bf16 else []):
-        peak = matmul_gflop_per_s(setup, dtype)
+        peak = dense_gflop_per_s(setup, dtype)
         seconds = setup.batch_size * gflop / peak
-        note = f"{peak:,.0f} GFLOP/s matmul, {gflop:.3f} GFLOP a train image"
-        ceiling = row("ceiling", f"{name} matmul peak / model FLOPs", setup.batch_size, seconds, note)
+        note = f"{peak:,.0f} GFLOP/s dense peak, {gflop:.3f} GFLOP a train image"
+        ceiling = row("ceiling", f"{name} dense peak / model FLOPs", setup.batch_size, seconds, note)
         rows.append({**ceiling, "gflop_per_image": round(gflop, 4), "peak_gflop_per_s": round(peak, 1)})
     return rows
 

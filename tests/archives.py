@@ -155,3 +155,20 @@ def make_image_folder_archive(
     np.random.default_rng(seed).shuffle(names)
     write_tar(path, {name: files[name] for name in names})
     return arrays
+
+
+# --- a learnable set: each class a colour plus noise ----------------------------------------------------------
+
+
+def learnable_archive(path: Path, per_class_train: int = 20, per_class_test: int = 6) -> None:
+    """An image-folder archive whose classes differ by colour, so a model can learn them in a few steps."""
+    rng = np.random.default_rng(0)
+    palette = rng.integers(30, 225, size=(len(CLASSES), 3))
+    files = {}
+    for split, per_class in (("train", per_class_train), ("test", per_class_test)):
+        for label, cls in enumerate(CLASSES):
+            for i in range(per_class):
+                noise = rng.normal(0, 25, size=(32, 32, 3))
+                image = np.clip(palette[label] + noise, 0, 255).astype(np.uint8)
+                files[f"tiny/{split}/{cls}/{i:04d}.png"] = encode_image(image)
+    write_tar(path, files)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from archives import CLASSES, encode_image, write_tar
+from archives import CLASSES, learnable_archive
 from conftest import ROOT
 from PIL import Image
 
@@ -33,20 +33,6 @@ TINY_PARAMS = {
     "train": {"epochs": 2, "peak_epoch": 1, "batch_size": 50, "device": "cpu"},
     "report": {"misclassified": 8},
 }
-
-
-def learnable_archive(path: Path, per_class_train: int = 20, per_class_test: int = 6) -> None:
-    """An image-folder archive whose classes differ by colour, so a model can learn them in a few steps."""
-    rng = np.random.default_rng(0)
-    palette = rng.integers(30, 225, size=(len(CLASSES), 3))
-    files = {}
-    for split, per_class in (("train", per_class_train), ("test", per_class_test)):
-        for label, cls in enumerate(CLASSES):
-            for i in range(per_class):
-                noise = rng.normal(0, 25, size=(32, 32, 3))
-                image = np.clip(palette[label] + noise, 0, 255).astype(np.uint8)
-                files[f"tiny/{split}/{cls}/{i:04d}.png"] = encode_image(image)
-    write_tar(path, files)
 
 
 def deep_update(base: dict, changes: dict) -> dict:

@@ -9,30 +9,16 @@ import sys
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-from archives import CLASSES, encode_image, write_tar
+from archives import learnable_archive
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
 
 
-def learnable_archive(path: Path) -> None:
-    """An image-folder archive of 20 train and 10 test images a class, each class a colour plus noise: the smoke
-    run's LR range test needs a loss that falls."""
-    rng = np.random.default_rng(0)
-    files = {}
-    for label, name in enumerate(CLASSES):
-        colour = np.array([(label * 53) % 176 + 40, (label * 97) % 176 + 40, (label * 29) % 176 + 40])
-        for i in range(30):
-            image = np.clip(colour + rng.normal(0, 30, size=(32, 32, 3)), 0, 255).astype(np.uint8)
-            files[f"tiny/{'train' if i < 20 else 'test'}/{name}/{i:04d}.png"] = encode_image(image)
-    write_tar(path, files)
-
-
 def measure(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
     archive = tmp_path / "tiny.tar.gz"
-    learnable_archive(archive)
+    learnable_archive(archive, per_class_train=20, per_class_test=10)
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
     out = tmp_path / "out"
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # the stages call `python`, and dvc

@@ -1,4 +1,5 @@
-# The two commands a user needs: `make repro` (the whole pipeline) and `make test` (the suite).
+# The two commands a user needs: `make repro` (the whole pipeline) and `make test` (the suite, what CI runs).
+# `make test-fast`: the unit tests alone, for the edit-test loop.
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -8,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export NO_ALBUMENTATIONS_UPDATE := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: repro test venv
+.PHONY: repro test test-fast venv
 
 venv: $(STAMP)
 
@@ -23,3 +24,6 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	pytest
+
+test-fast: $(STAMP)
+	pytest -m "not e2e and not slow"

@@ -46,24 +46,22 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from cifar_pipeline.atomic import write_json
-from cifar_pipeline.data import resolve_num_workers, set_epoch
+from cifar_pipeline.augment import train_transforms
 from cifar_pipeline.engine import (
-    Runtime,
-    cpu_has_native_bf16,
     evaluate,
     make_optimizer,
-    make_runtime,
     make_scaler,
     make_scheduler,
     new_model,
     train_epoch,
     train_step,
 )
-from cifar_pipeline.loaders import make_eval_loader, make_train_loader, resolve_backend
-from cifar_pipeline.models import build_model, model_kwargs
+from cifar_pipeline.loaders import make_eval_loader, make_train_loader, resolve_backend, resolve_num_workers
+from cifar_pipeline.models import build_model
 from cifar_pipeline.params import Params, load_params
 from cifar_pipeline.report import STAGE_TIMES
-from cifar_pipeline.transforms import train_transforms
+from cifar_pipeline.runtime import Runtime, cpu_has_native_bf16, make_runtime
+from cifar_pipeline.sampling import set_epoch
 
 # CIFAR-10 train statistics; the exact values do not change the cost.
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -190,7 +188,7 @@ def notebook_steps(steps: int, model, images, labels, optimizer) -> None:
 
 def notebook_model(setup: Setup) -> nn.Module:
     torch.manual_seed(setup.params.seed)
-    return build_model(setup.params.model.name, **model_kwargs(setup.params.model)).to(setup.device)
+    return build_model(setup.params.model.name, **setup.params.model.kwargs()).to(setup.device)
 
 
 # --- the measurements ------------------------------------------------------------------------------------------------
@@ -359,7 +357,7 @@ def dense_gflop_per_s(setup: Setup, dtype: torch.dtype, size: int = 4096, repeat
 def ceiling_rows(setup: Setup) -> list[dict[str, Any]]:
     """One row per precision the device has hardware for. On CUDA, cuDNN runs fp32 convs as TF32 by default, so a
     fp32 step may pass the fp32 (true fp32 matmul) ceiling there."""
-    model = build_model(setup.params.model.name, **model_kwargs(setup.params.model))
+    model = build_model(setup.params.model.name, **setup.params.model.kwargs())
     gflop = train_gflop_per_image(model)
     if setup.device.type == "cuda":
         has_bf16 = torch.cuda.is_bf16_supported()

@@ -28,8 +28,9 @@ from torch import nn
 
 from cifar_pipeline.checkpoint import make_checkpoint, save_plain
 from cifar_pipeline.checkpoint_writer import CheckpointWriter
-from cifar_pipeline.engine import Runtime, make_optimizer, make_scaler, make_scheduler, train_step
+from cifar_pipeline.engine import make_optimizer, make_scaler, make_scheduler, train_step
 from cifar_pipeline.models import build_model
+from cifar_pipeline.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"), None, True)
 

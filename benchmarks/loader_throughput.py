@@ -17,18 +17,40 @@ from __future__ import annotations
 import argparse
 import gc
 import resource
+import time
+from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
-from cifar_pipeline.data import loader_throughput, resolve_num_workers, set_epoch
-from cifar_pipeline.engine import pick_device
-from cifar_pipeline.loaders import make_train_loader
+from cifar_pipeline.loaders import make_train_loader, resolve_num_workers
 from cifar_pipeline.params import load_params
+from cifar_pipeline.runtime import pick_device
+from cifar_pipeline.sampling import set_epoch
 
 # CIFAR-10 train statistics; the exact values do not change the cost.
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
+
+
+def loader_throughput(loader: DataLoader, max_batches: int | None = None) -> dict[str, Any]:
+    """Images per second of one pass over `loader` (or its first `max_batches` batches).
+
+    The clock starts when the first batch has arrived, so worker start-up is left out: what remains is the
+    steady rate a training loop can be fed at.
+    """
+    images, start, batches = 0, None, 0
+    for batch, _ in loader:
+        batches += 1
+        if start is None:
+            start = time.perf_counter()
+        else:
+            images += len(batch)
+        if max_batches is not None and batches >= max_batches:
+            break
+    seconds = time.perf_counter() - start if start is not None else 0.0
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds if seconds > 0 else 0.0}
 
 
 def cpu_seconds() -> float:

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from cifar_pipeline.engine import make_optimizer, make_runtime, make_scaler, new_model, train_step
+from cifar_pipeline.engine import make_optimizer, make_scaler, new_model, train_step
 from cifar_pipeline.params import load_params
+from cifar_pipeline.runtime import make_runtime
 
 CONV_OPS = ("aten::convolution", "aten::convolution_backward")
 

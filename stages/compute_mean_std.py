@@ -1,17 +1,17 @@
 """compute-mean-std stage: per-channel mean and std of the images the model trains on -> data/stats.json."""
 
-from cifar_pipeline.dataset import DATA_DIR
+from cifar_pipeline import paths
 from cifar_pipeline.errors import run_stage
 from cifar_pipeline.params import load_params
-from cifar_pipeline.stats import STATS_FILE, compute_stats
+from cifar_pipeline.stats import compute_stats
 
 
 def main() -> None:
     params = load_params()
-    stats = compute_stats(DATA_DIR, params.data, params.seed)
+    stats = compute_stats(paths.DATA_DIR, params.data, params.seed)
     mean, std = (", ".join(f"{x:.5f}" for x in stats[key]) for key in ("mean", "std"))
-    print(f"{STATS_FILE}: mean ({mean}), std ({std}) over {stats['count']} train images in {stats['wall_time_s']} s")
+    print(f"{paths.STATS}: mean ({mean}), std ({std}) over {stats['count']} train images")
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, time_file=paths.STATS_TIME)

@@ -1,5 +1,6 @@
 """download stage: fetch the CIFAR-10 archive (URL or local path) and write data/cifar10/{train,test}.npz."""
 
+from cifar_pipeline import paths
 from cifar_pipeline.download import download
 from cifar_pipeline.errors import run_stage
 from cifar_pipeline.params import load_params
@@ -9,8 +10,8 @@ def main() -> None:
     data = load_params().data
     meta = download(data.url, data.md5)
     counts = ", ".join(f"{n} {split}" for split, n in meta["counts"].items())
-    print(f"data/cifar10: {counts} images ({meta['layout']} layout, md5 {meta['md5']}) in {meta['wall_time_s']:.1f} s")
+    print(f"{paths.DATA_DIR}: {counts} images ({meta['layout']} layout, md5 {meta['md5']})")
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, time_file=paths.DOWNLOAD_TIME)

@@ -12,6 +12,8 @@ os.environ.setdefault("DVC_TEST", "true")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 ROOT = Path(__file__).resolve().parents[1]
+# A dataset's statistics, as data/stats.json holds them (0..1), for tests that need plausible ones.
+MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 
 
@@ -48,3 +50,40 @@ def tiny_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_model") / "model.pt"
     images, labels = train_tiny_model(path)
     return path, images, labels
+
+
+def save_model(path, model, model_name: str, model_kwargs: dict, **extra) -> None:
+    """A checkpoint as the train stage writes it (its weights, name and arguments, and `extra`)."""
+    from cifar_pipeline.checkpoint import make_checkpoint, model_state, save_plain
+
+    save_plain(path, make_checkpoint(model_state(model), model_name, model_kwargs, **extra))
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (they are not part of the package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def random_images(n: int = 8, seed: int = 0):
+    """n uint8 (32, 32, 3) RGB images of uniform noise."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def epoch_batches(loader, epoch: int):
+    """(images, labels) of one whole epoch of `loader`, concatenated, after set_epoch as the training loop calls it."""
+    import torch
+
+    from cifar_pipeline.sampling import set_epoch
+
+    set_epoch(loader, epoch)
+    batches = list(loader)
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])

@@ -6,13 +6,13 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # subprocesses or large models: make test-fast skips it
 
 
 def test_small_benchmark_prints_and_saves_every_figure(tmp_path):
@@ -20,8 +20,8 @@ def test_small_benchmark_prints_and_saves_every_figure(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"]["device"] = "cpu"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "stats.json").write_text(json.dumps({"wall_time_s": 12.5}))
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "compute_mean_std_time.json").write_text(json.dumps({"wall_time_s": 12.5}))
     (tmp_path / "reports" / "train").mkdir(parents=True)
     (tmp_path / "reports" / "train" / "metrics.json").write_text(json.dumps({"wall_time_s": 345.0}))
     out = tmp_path / "bench.json"

@@ -5,8 +5,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from conftest import save_model
 
-from cifar_pipeline.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
+from cifar_pipeline.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint
 from cifar_pipeline.errors import MissingInputError, PipelineError
 from cifar_pipeline.models import build_model
 
@@ -55,7 +56,7 @@ def test_round_trip_rebuilds_the_same_model_and_keeps_the_extras(tmp_path, train
         "train_acc": 0.75,
         "device": "cpu",
     }
-    save_checkpoint(path, model, "dilated_net", KWARGS, **extra)
+    save_model(path, model, "dilated_net", KWARGS, **extra)
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temporary file left behind
 
     raw = torch.load(path, weights_only=True)  # the contract: plain data only
@@ -84,7 +85,7 @@ def test_compiled_model_is_saved_without_the_wrapper_prefix(tmp_path, trained):
     model = trained[0]
     compiled = torch.compile(model)  # compiles lazily: wrapping costs nothing until it is called
     assert next(iter(compiled.state_dict())).startswith("_orig_mod.")
-    save_checkpoint(tmp_path / "model.pt", compiled, "dilated_net", KWARGS)
+    save_model(tmp_path / "model.pt", compiled, "dilated_net", KWARGS)
     state = load_checkpoint(tmp_path / "model.pt")["state_dict"]
     assert list(state) == list(model.state_dict())
     assert all(value.device.type == "cpu" for value in state.values())
@@ -92,7 +93,7 @@ def test_compiled_model_is_saved_without_the_wrapper_prefix(tmp_path, trained):
 
 def test_unsaveable_extra_is_a_bug_caught_before_writing(tmp_path, trained):
     with pytest.raises(TypeError, match=r"checkpoint\.run is a .*Path"):
-        save_checkpoint(tmp_path / "model.pt", trained[0], "dilated_net", KWARGS, run=tmp_path)
+        save_model(tmp_path / "model.pt", trained[0], "dilated_net", KWARGS, run=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -148,7 +149,7 @@ def test_foreign_checkpoint_is_refused(tmp_path, content, message):
 @pytest.mark.parametrize("damage", ["truncate", "empty", "garbage"])
 def test_corrupt_checkpoint_is_refused(tmp_path, trained, damage):
     path = tmp_path / "model.pt"
-    save_checkpoint(path, trained[0], "dilated_net", KWARGS)
+    save_model(path, trained[0], "dilated_net", KWARGS)
     data = path.read_bytes()
     path.write_bytes({"truncate": data[: len(data) // 2], "empty": b"", "garbage": bytes(range(256)) * 8}[damage])
     with pytest.raises(PipelineError, match="not a readable checkpoint"):
@@ -157,9 +158,9 @@ def test_corrupt_checkpoint_is_refused(tmp_path, trained, damage):
 
 def test_weights_that_do_not_fit_the_named_model_are_refused(tmp_path, trained):
     path = tmp_path / "model.pt"
-    save_checkpoint(path, trained[0], "custom_resnet", {"dropout": 0.1})  # dilated_net weights, wrong name
+    save_model(path, trained[0], "custom_resnet", {"dropout": 0.1})  # dilated_net weights, wrong name
     with pytest.raises(PipelineError, match="do not fit model 'custom_resnet'"):
         model_from_checkpoint(load_checkpoint(path))
-    save_checkpoint(path, trained[0], "dilated_net", {"dropout": 0.1, "width": 2})
+    save_model(path, trained[0], "dilated_net", {"dropout": 0.1, "width": 2})
     with pytest.raises(PipelineError, match="do not fit model 'dilated_net'.*width"):
         model_from_checkpoint(load_checkpoint(path))

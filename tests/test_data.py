@@ -9,28 +9,17 @@ import albumentations as A
 import numpy as np
 import pytest
 import torch
+from conftest import MEAN, epoch_batches, load_benchmark, random_images
 from matplotlib.figure import Figure
 
-from cifar_pipeline.data import (
-    CifarDataset,
-    loader_throughput,
-    make_loader,
-    resolve_num_workers,
-    set_epoch,
-)
+from cifar_pipeline.augment import train_transforms
 from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.loaders import CifarDataset, make_loader, resolve_num_workers
 from cifar_pipeline.params import AugmentParams
 from cifar_pipeline.plots import image_grid, save_train_samples
-from cifar_pipeline.transforms import train_transforms
 
-MEAN = (0.49, 0.48, 0.45)
-STD = (0.25, 0.24, 0.26)
 # Affine always on: its continuous parameters make two different random draws visibly different images.
 ALWAYS = AugmentParams(shift_scale_rotate_p=1.0)
-
-
-def _images(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
 
 
 def _train_set(images: np.ndarray, seed: int = 0, augment: AugmentParams = ALWAYS) -> CifarDataset:
@@ -38,21 +27,15 @@ def _train_set(images: np.ndarray, seed: int = 0, augment: AugmentParams = ALWAY
     return CifarDataset(images, labels, train_transforms(augment, MEAN), seed=seed)
 
 
-def _epoch(loader, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    set_epoch(loader, epoch)
-    batches = list(loader)
-    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-
-
 def _all_different(images: torch.Tensor) -> bool:
     return all(not torch.equal(a, b) for a, b in itertools.combinations(images, 2))
 
 
 def test_items_and_batches_are_uint8_chw_tensors_and_int64_labels():
-    image, label = _train_set(_images(4))[2]
+    image, label = _train_set(random_images(4))[2]
     assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
     assert label.dtype == torch.int64 and label.item() == 2
-    loader = make_loader(_train_set(_images(10)), 4, train=False, num_workers=1, seed=0, pin_memory=False)
+    loader = make_loader(_train_set(random_images(10)), 4, train=False, num_workers=1, seed=0, pin_memory=False)
     images, labels = next(iter(loader))  # from a worker process: a quarter of the bytes of float32
     assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32)
     assert labels.dtype == torch.int64 and labels.tolist() == [0, 1, 2, 3]
@@ -60,7 +43,7 @@ def test_items_and_batches_are_uint8_chw_tensors_and_int64_labels():
 
 def test_a_batch_augments_each_image_as_it_would_alone():
     """The batch's seeds are drawn at once, yet each image's augmentation depends on its own (epoch, index) only."""
-    dataset = _train_set(_images(12), augment=AugmentParams())
+    dataset = _train_set(random_images(12), augment=AugmentParams())
     keys = [(9, 3), (2, 3), (5, 3), (11, 3)]
     images, labels = dataset.__getitems__(keys)
     assert labels.tolist() == [9, 2, 5, 11]
@@ -71,28 +54,28 @@ def test_a_batch_augments_each_image_as_it_would_alone():
 
 def test_identical_images_get_different_augmentations_across_workers():
     """The same picture at every index: each copy still draws its own augmentation, in either worker."""
-    images = np.repeat(_images(1), 16, axis=0)
+    images = np.repeat(random_images(1), 16, axis=0)
     loader = make_loader(_train_set(images), 4, train=True, num_workers=2, seed=0, pin_memory=False)
-    augmented, labels = _epoch(loader, 0)
+    augmented, labels = epoch_batches(loader, 0)
     assert sorted(labels.tolist()) == list(range(16))
     assert _all_different(augmented)
 
 
 def test_worker_count_does_not_change_any_epoch():
-    dataset = _train_set(_images(24), augment=AugmentParams())  # the default recipe, flips and holes included
+    dataset = _train_set(random_images(24), augment=AugmentParams())  # the default recipe, flips and holes included
     serial = make_loader(dataset, 5, train=True, num_workers=0, seed=7, pin_memory=False)
     parallel = make_loader(dataset, 5, train=True, num_workers=2, seed=7, pin_memory=False)
     # Two epochs: with persistent workers the second one must still see the new epoch.
     for epoch in (0, 1):
-        images, labels = _epoch(serial, epoch)
-        parallel_images, parallel_labels = _epoch(parallel, epoch)
+        images, labels = epoch_batches(serial, epoch)
+        parallel_images, parallel_labels = epoch_batches(parallel, epoch)
         assert torch.equal(parallel_labels, labels)
         assert images.dtype == torch.uint8 and torch.equal(parallel_images, images)
 
 
 def test_transforms_in_a_pipeline_draw_independently():
     """One random stream per sample, not one per transform: two p=0.5 flips must not always agree."""
-    image = _images(1)[0]
+    image = random_images(1)[0]
     flips = A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)])
     dataset = CifarDataset(np.repeat(image[None], 64, axis=0), np.zeros(64, np.int64), flips, seed=0)
     outcomes = collections.Counter()
@@ -105,16 +88,21 @@ def test_transforms_in_a_pipeline_draw_independently():
 
 
 def test_same_seed_gives_the_same_first_batch():
-    first = [next(iter(make_loader(_train_set(_images(32)), 8, True, 0, seed=3, pin_memory=False))) for _ in range(2)]
+    images = random_images(32)
+    first = [next(iter(make_loader(_train_set(images), 8, True, 0, seed=3, pin_memory=False))) for _ in range(2)]
     assert torch.equal(first[0][1], first[1][1])
     assert torch.equal(first[0][0], first[1][0])
 
 
 def test_epochs_and_seeds_change_order_and_augmentation():
-    images = _images(32)
+    images = random_images(32)
     loader = make_loader(_train_set(images, seed=1), 8, train=True, num_workers=0, seed=1, pin_memory=False)
     other_seed = make_loader(_train_set(images, seed=2), 8, train=True, num_workers=0, seed=2, pin_memory=False)
-    runs = {"epoch 0": _epoch(loader, 0), "epoch 1": _epoch(loader, 1), "seed 2": _epoch(other_seed, 0)}
+    runs = {
+        "epoch 0": epoch_batches(loader, 0),
+        "epoch 1": epoch_batches(loader, 1),
+        "seed 2": epoch_batches(other_seed, 0),
+    }
 
     for (name_a, (images_a, labels_a)), (name_b, (images_b, labels_b)) in itertools.combinations(runs.items(), 2):
         assert not torch.equal(labels_a, labels_b), (name_a, name_b)  # shuffle order differs
@@ -122,32 +110,32 @@ def test_epochs_and_seeds_change_order_and_augmentation():
         a, b = images_a[labels_a.argsort()], images_b[labels_b.argsort()]
         assert all(not torch.equal(x, y) for x, y in zip(a, b, strict=True)), (name_a, name_b)
     # and going back to an epoch reproduces it
-    assert all(torch.equal(x, y) for x, y in zip(_epoch(loader, 0), runs["epoch 0"], strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(epoch_batches(loader, 0), runs["epoch 0"], strict=True))
 
 
 def test_every_image_is_used_once_per_epoch():
-    loader = make_loader(_train_set(_images(30)), 8, train=True, num_workers=0, seed=0, pin_memory=False)
+    loader = make_loader(_train_set(random_images(30)), 8, train=True, num_workers=0, seed=0, pin_memory=False)
     for epoch in range(3):
-        _, labels = _epoch(loader, epoch)
+        _, labels = epoch_batches(loader, epoch)
         assert sorted(labels.tolist()) == list(range(30))
 
 
 def test_a_lone_last_training_sample_is_dropped_but_never_a_test_sample():
-    dataset = _train_set(_images(17))
+    dataset = _train_set(random_images(17))
     train = make_loader(dataset, 8, train=True, num_workers=0, seed=0, pin_memory=False)
     test = make_loader(dataset, 8, train=False, num_workers=0, seed=0, pin_memory=False)
     assert [len(labels) for _, labels in train] == [8, 8]
     assert [len(labels) for _, labels in test] == [8, 8, 1]
-    two_left = make_loader(_train_set(_images(18)), 8, train=True, num_workers=0, seed=0, pin_memory=False)
+    two_left = make_loader(_train_set(random_images(18)), 8, train=True, num_workers=0, seed=0, pin_memory=False)
     assert [len(labels) for _, labels in two_left] == [8, 8, 2]
 
 
 def test_test_loader_is_ordered_and_unaugmented():
-    images = _images(20)
+    images = random_images(20)
     dataset = CifarDataset(images, np.arange(20, dtype=np.int64), None, seed=0)
     loader = make_loader(dataset, 6, train=False, num_workers=2, seed=0, pin_memory=False)
     for epoch in (0, 1):
-        batches, labels = _epoch(loader, epoch)
+        batches, labels = epoch_batches(loader, epoch)
         assert labels.tolist() == list(range(20))
         assert torch.equal(batches, torch.from_numpy(images).permute(0, 3, 1, 2))  # the pixels as they are
 
@@ -155,9 +143,9 @@ def test_test_loader_is_ordered_and_unaugmented():
 def test_bad_arrays_are_a_pipeline_error():
     transform = train_transforms(AugmentParams(), MEAN)
     with pytest.raises(PipelineError, match="uint8"):
-        CifarDataset(_images(4).astype(np.float32), np.zeros(4, np.int64), transform, seed=0)
+        CifarDataset(random_images(4).astype(np.float32), np.zeros(4, np.int64), transform, seed=0)
     with pytest.raises(PipelineError, match="labels"):
-        CifarDataset(_images(4), np.zeros(3, np.int64), transform, seed=0)
+        CifarDataset(random_images(4), np.zeros(3, np.int64), transform, seed=0)
 
 
 @pytest.mark.parametrize(("cpus", "expected"), [(1, 0), (2, 1), (3, 2), (64, 8)])
@@ -175,7 +163,8 @@ def test_explicit_workers_are_kept_and_nonsense_refused():
 
 
 def test_loader_throughput_counts_images_after_the_first_batch():
-    loader = make_loader(_train_set(_images(20)), 4, train=True, num_workers=0, seed=0, pin_memory=False)
+    loader = make_loader(_train_set(random_images(20)), 4, train=True, num_workers=0, seed=0, pin_memory=False)
+    loader_throughput = load_benchmark("loader_throughput").loader_throughput
     full = loader_throughput(loader)
     assert full["images"] == 16 and full["seconds"] > 0
     assert full["images_per_s"] == pytest.approx(full["images"] / full["seconds"])
@@ -185,13 +174,13 @@ def test_loader_throughput_counts_images_after_the_first_batch():
 def test_train_samples_figure_is_written(tmp_path):
     path = tmp_path / "reports" / "train_samples.png"
     classes = [f"class {i}" for i in range(10)]
-    save_train_samples(_train_set(_images(10)), classes, path, n=6)
+    save_train_samples(_train_set(random_images(10)), classes, path, n=6)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in path.parent.iterdir()] == ["train_samples.png"]
 
 
 def test_image_grid_has_one_titled_axis_per_image():
-    fig = image_grid(_images(5), [f"t{i}" for i in range(5)], ncols=3, title="grid")
+    fig = image_grid(random_images(5), [f"t{i}" for i in range(5)], ncols=3, title="grid")
     assert isinstance(fig, Figure)
     titled = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titled == [f"t{i}" for i in range(5)]

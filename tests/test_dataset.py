@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 from archives import CLASSES, make_pickle_archive
 
-from cifar_pipeline import dataset
-from cifar_pipeline.dataset import balanced_subset, load_split, load_splits, read_meta
+from cifar_pipeline import download as download_module
+from cifar_pipeline import paths
 from cifar_pipeline.download import download
 from cifar_pipeline.errors import MissingInputError, PipelineError
 from cifar_pipeline.params import DataParams
+from cifar_pipeline.splits import balanced_subset, load_split, load_splits, read_classes
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def rows_in(subset: np.ndarray, full: np.ndarray) -> np.ndarray:
 
 
 def test_classes_are_the_official_order():
-    assert dataset.CLASSES == CLASSES
+    assert download_module.CLASSES == CLASSES
 
 
 def test_load_split_and_meta(data_dir):
@@ -36,8 +37,8 @@ def test_load_split_and_meta(data_dir):
     assert images.shape == (200, 32, 32, 3) and images.dtype == np.uint8 and labels.dtype == np.int64
     np.testing.assert_array_equal(images, arrays["train"][0])
     np.testing.assert_array_equal(labels, arrays["train"][1])
-    meta = read_meta(path)
-    assert meta["counts"] == {"train": 200, "test": 50} and meta["layout"] == "pickle"
+    assert read_classes(path) == CLASSES
+    assert load_splits(path, DataParams(), seed=0).classes == CLASSES
 
 
 @pytest.mark.parametrize("size", [10, 37, 100, 199, 200])
@@ -114,7 +115,7 @@ def test_impossible_sizes_name_the_key(data_dir, params, message):
 def test_a_missing_data_folder_names_the_download_stage(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(MissingInputError, match=r"data/cifar10 does not exist: run the 'download' stage"):
-        load_splits(dataset.DATA_DIR, DataParams(), seed=0)
+        load_splits(paths.DATA_DIR, DataParams(), seed=0)
 
 
 def test_a_damaged_split_file_is_a_clear_error(tmp_path, data_dir):

@@ -22,6 +22,7 @@ from conftest import ROOT
 from PIL import Image
 
 pytestmark = pytest.mark.e2e
+README = (ROOT / "README.md").read_text()
 
 STAGES = ["download", "compute-mean-std", "lr-find", "train", "report"]
 
@@ -44,11 +45,20 @@ def deep_update(base: dict, changes: dict) -> dict:
     return base
 
 
+# Every successful dvc and gto command of this module, as (tool, subcommand words): the last test checks that each
+# one the README shows has run here.
+COMMANDS_RUN: set[tuple[str, ...]] = set()
+
+
 def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    if result.returncode == 0:
+        words = list(args[2:] if args[:3] == (sys.executable, "-m", "dvc") else args[1:])
+        tool = "dvc" if args[:3] == (sys.executable, "-m", "dvc") else Path(args[0]).name
+        COMMANDS_RUN.add((tool, *[w for w in words[:2] if not w.startswith("-")]))
     return result
 
 
@@ -144,6 +154,22 @@ def test_second_repro_reruns_nothing(project):
     assert stages_run(result.stdout) == []
     for stage in STAGES:
         assert f"Stage '{stage}' didn't change, skipping" in result.stdout
+
+
+def test_a_rerun_on_the_same_inputs_or_another_worker_count_reruns_nothing_after_it(project):
+    # Outputs that later stages read are functions of their inputs (times go to files no stage depends on), and
+    # data.num_workers cannot change the batches: neither may cost a retraining.
+    for stage in ("download", "compute-mean-std"):
+        result = dvc(project, "repro", "-f", "-s", stage)
+        assert stages_run(result.stdout) == [stage]
+        assert "up to date" in dvc(project, "status").stdout, f"a rerun of {stage} left work behind"
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["num_workers"] = 1
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        assert "up to date" in dvc(project, "status").stdout
+    finally:
+        run(project, "git", "checkout", "--", ".")
 
 
 def test_model_registry_serves_the_trained_model_by_name_and_version(project, tmp_path):
@@ -285,3 +311,17 @@ def test_push_and_pull_through_a_local_remote(project, tmp_path):
     assert (project / "models/model.pt").read_bytes() == model
     assert (project / "data/cifar10/train.npz").is_file()
     assert "up to date" in dvc(project, "status").stdout
+
+
+# Last in this module (pytest runs a module's tests in order): every command above has had its turn.
+def test_every_dvc_and_gto_command_the_readme_shows_ran_here(project):
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL))
+    shown = set()
+    for line in (line.split("#")[0].strip() for line in blocks.splitlines()):
+        if line.startswith(("dvc ", "gto ")):
+            words = [w for w in line.split()[:3] if not w.startswith(("-", "<"))]
+            shown.add(tuple(words))
+    assert shown
+    ran = {command[: len(words)] for command in COMMANDS_RUN for words in shown}
+    missing = sorted(" ".join(words) for words in shown if words not in ran)
+    assert not missing, f"the README shows commands that no end-to-end test ran: {missing}"

@@ -7,12 +7,15 @@ import onnxruntime
 import pytest
 import torch
 from archives import CLASSES
+from conftest import save_model
 from tiny_model import MEAN, STD, colour_images
 
-from cifar_pipeline.checkpoint import load_classifier, save_checkpoint
+from cifar_pipeline.classifier import load_classifier
 from cifar_pipeline.cli import export_main
 from cifar_pipeline.inference import batch_logits
 from cifar_pipeline.models import build_model
+
+pytestmark = pytest.mark.slow  # subprocesses or large models: make test-fast skips it
 
 
 def onnx_logits(path, images: np.ndarray) -> np.ndarray:
@@ -56,7 +59,7 @@ def test_onnx_metadata_names_the_classes_and_the_normalisation(exported):
 def test_custom_resnet_exports_too(tmp_path, capsys):
     torch.manual_seed(0)
     extra = {"mean": list(MEAN), "std": list(STD), "classes": list(CLASSES)}
-    save_checkpoint(tmp_path / "model.pt", build_model("custom_resnet"), "custom_resnet", {"dropout": 0.0}, **extra)
+    save_model(tmp_path / "model.pt", build_model("custom_resnet"), "custom_resnet", {"dropout": 0.0}, **extra)
     export_main([str(tmp_path / "model.onnx"), "--model", str(tmp_path / "model.pt")])
     assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'model.onnx'} (custom_resnet, classes: airplane")
     images = np.random.default_rng(2).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)

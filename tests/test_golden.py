@@ -28,6 +28,8 @@ import yaml
 from archives import learnable_archive
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # subprocesses or large models: make test-fast skips it
+
 GOLDEN = Path(__file__).parent / "golden" / "tiny_run.json"
 STAGES = ["download", "compute_mean_std", "lr_find", "train", "report"]
 PARAMS = {

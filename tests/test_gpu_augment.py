@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 from albumentations.augmentations.geometric import functional as fgeometric
+from conftest import MEAN, STD, epoch_batches
 
-from cifar_pipeline.data import CifarDataset, set_epoch
-from cifar_pipeline.engine import Runtime, evaluate, make_optimizer, make_scaler, make_scheduler, train_epoch
-from cifar_pipeline.gpu_augment import DeviceDataset, DeviceLoader, Draw, affine_theta, augment_batch
-from cifar_pipeline.loaders import make_eval_loader, make_train_loader
+from cifar_pipeline.augment import train_transforms
+from cifar_pipeline.batched_augment import DeviceDataset, DeviceLoader, Draw, affine_theta, augment_batch
+from cifar_pipeline.engine import evaluate, make_optimizer, make_scaler, make_scheduler, train_epoch
+from cifar_pipeline.loaders import CifarDataset, make_eval_loader, make_train_loader
 from cifar_pipeline.models import build_model
 from cifar_pipeline.params import AugmentParams
-from cifar_pipeline.transforms import train_transforms
+from cifar_pipeline.runtime import Runtime
+from cifar_pipeline.sampling import set_epoch
 
-MEAN = (0.49, 0.48, 0.45)
-STD = (0.25, 0.24, 0.26)
 NOTHING = AugmentParams(hflip_p=0.0, shift_scale_rotate_p=0.0, coarse_dropout_p=0.0)
 SAMPLES = 2000  # per path: frequencies to about +-0.01 (one standard error)
 CPU = torch.device("cpu")
@@ -253,24 +253,18 @@ def _loader(n: int = 24, batch_size: int = 8, seed: int = 0, augment: AugmentPar
     return DeviceLoader(dataset, batch_size, train=True, seed=seed)
 
 
-def _epoch(loader, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    set_epoch(loader, epoch)  # data.py's, as the training loop calls it
-    batches = list(loader)
-    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-
-
 def test_same_seed_and_epoch_give_identical_batches_and_others_differ():
-    first = _epoch(_loader(), 3)
-    again = _epoch(_loader(), 3)
+    first = epoch_batches(_loader(), 3)
+    again = epoch_batches(_loader(), 3)
     torch.testing.assert_close(again, first, rtol=0, atol=0)
-    for other in (_epoch(_loader(), 4), _epoch(_loader(seed=1), 3)):
+    for other in (epoch_batches(_loader(), 4), epoch_batches(_loader(seed=1), 3)):
         assert not torch.equal(other[1], first[1])  # another shuffle
         order = other[1].argsort()
         assert not torch.equal(other[0][order], first[0][first[1].argsort()])  # other augmentations
 
 
 def test_a_sample_is_augmented_the_same_whatever_the_batch():
-    small, large = _epoch(_loader(batch_size=5), 2), _epoch(_loader(batch_size=24), 2)
+    small, large = epoch_batches(_loader(batch_size=5), 2), epoch_batches(_loader(batch_size=24), 2)
     torch.testing.assert_close(small[0][small[1].argsort()], large[0][large[1].argsort()], rtol=0, atol=0)
     dataset = _loader().dataset
     image = dataset[(7, 2)][0]  # an item: the augmented uint8 image

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 from archives import learnable_archive
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
 
 

@@ -2,30 +2,18 @@
 
 import numpy as np
 import torch
+from conftest import MEAN, STD, epoch_batches, random_images
 
-from cifar_pipeline import engine
-from cifar_pipeline.data import set_epoch
-from cifar_pipeline.gpu_augment import DeviceLoader
+from cifar_pipeline.batched_augment import DeviceLoader
 from cifar_pipeline.loaders import DeviceBatches, make_eval_loader, make_train_loader, resolve_backend
 from cifar_pipeline.params import AugmentParams
+from cifar_pipeline.runtime import pick_device
 
-MEAN = (0.49, 0.48, 0.45)
-STD = (0.25, 0.24, 0.26)
 CPU = torch.device("cpu")
 
 
-def _random_images(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-
-
-def _epoch(loader, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    set_epoch(loader, epoch)
-    batches = list(loader)
-    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-
-
 def test_device_loader_is_a_drop_in_for_the_albumentations_loader():
-    images, labels = _random_images(33), np.arange(33, dtype=np.int64)
+    images, labels = random_images(33), np.arange(33, dtype=np.int64)
     for batch_size in (8, 16):  # 33 = 2 x 16 + 1: the lone last sample is dropped
         loaders = {
             backend: make_train_loader(
@@ -45,13 +33,13 @@ def test_device_loader_is_a_drop_in_for_the_albumentations_loader():
         assert len(loaders["gpu"]) == len(loaders["albumentations"])
         assert len(loaders["gpu"].dataset) == len(loaders["albumentations"].dataset) == 33
         for epoch in (0, 1):
-            gpu, albumentations = _epoch(loaders["gpu"], epoch), _epoch(loaders["albumentations"], epoch)
+            gpu, albumentations = epoch_batches(loaders["gpu"], epoch), epoch_batches(loaders["albumentations"], epoch)
             assert torch.equal(gpu[1], albumentations[1])  # the same shuffle, and the same images dropped
             assert gpu[0].shape == albumentations[0].shape and gpu[0].dtype == albumentations[0].dtype
 
 
 def test_eval_loaders_are_ordered_and_complete_in_both_backends():
-    images, labels = _random_images(21), np.arange(21, dtype=np.int64)
+    images, labels = random_images(21), np.arange(21, dtype=np.int64)
     for backend in ("albumentations", "gpu"):
         loader = make_eval_loader(
             images, labels, MEAN, STD, backend=backend, batch_size=8, seed=0, num_workers=0, device=CPU
@@ -61,9 +49,9 @@ def test_eval_loaders_are_ordered_and_complete_in_both_backends():
 
 
 def test_auto_backend_is_gpu_on_a_cuda_device_and_albumentations_on_the_cpu(monkeypatch):
-    assert resolve_backend("auto", engine.pick_device("cpu")) == "albumentations"
+    assert resolve_backend("auto", pick_device("cpu")) == "albumentations"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what pick_device asks: a CUDA machine
-    cuda = engine.pick_device("auto")
+    cuda = pick_device("auto")
     assert cuda == torch.device("cuda")
     assert resolve_backend("auto", cuda) == "gpu"
     for explicit in ("albumentations", "gpu"):  # both stay selectable on either device
@@ -71,7 +59,7 @@ def test_auto_backend_is_gpu_on_a_cuda_device_and_albumentations_on_the_cpu(monk
 
 
 def test_auto_backend_builds_the_albumentations_loaders_on_the_cpu():
-    images, labels = _random_images(20), np.arange(20, dtype=np.int64)
+    images, labels = random_images(20), np.arange(20, dtype=np.int64)
     options = {"batch_size": 8, "seed": 0, "num_workers": 0, "device": CPU}
     train = make_train_loader(images, labels, AugmentParams(backend="auto"), MEAN, STD, **options)
     evaluation = make_eval_loader(images, labels, MEAN, STD, backend="auto", **options)

@@ -206,6 +206,7 @@ def test_results_file_is_a_curve_dvc_can_plot(tmp_path):
     assert points == [(r["lr"], r["loss"]) for r in saved["curve"]]
 
 
+@pytest.mark.slow
 def test_the_stage_writes_the_curve_the_plot_and_a_suggestion(tmp_path):
     root = make_project(tmp_path)
     (root / "reports/lr_find.json").unlink()
@@ -228,6 +229,7 @@ def test_the_stage_writes_the_curve_the_plot_and_a_suggestion(tmp_path):
     assert (root / "reports/lr_find.json").read_bytes() == first
 
 
+@pytest.mark.slow
 def test_the_stage_refuses_a_range_that_misses_the_descent(tmp_path):
     params = {**PARAMS, "lr_find": {"start_lr": 1e-9, "end_lr": 1e-8, "num_iter": 10}}
     root = make_project(tmp_path)

@@ -2,17 +2,20 @@
 
 import subprocess
 import sys
+from typing import get_args
 
 import pytest
 import torch
 import torchinfo
 from torch import nn
 
+from cifar_pipeline import models
+from cifar_pipeline.choices import MODEL_NAMES
 from cifar_pipeline.errors import PipelineError
-from cifar_pipeline.models import MODEL_NAMES, build_model, model_kwargs
+from cifar_pipeline.model_summary import model_summary_text
+from cifar_pipeline.models import build_model
 from cifar_pipeline.params import ModelParams
 from cifar_pipeline.receptive_field import receptive_field
-from cifar_pipeline.summary import model_summary_text
 
 # The CustomResNet spec: (block, [(layer type, parameters)], block output shape).
 CONV_BN = ["Conv2d", "BatchNorm2d", "ReLU", "Dropout"]
@@ -81,7 +84,7 @@ def test_dropout_probability_comes_from_the_constructor(name):
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_default_models_add_no_dropout_noise_in_training(name):
     """Dropout is off by default (it cost dilated_net 1.8 points and a third of its CPU speed in 24 epochs)."""
-    model = build_model(name, **model_kwargs(ModelParams(name=name))).train()
+    model = build_model(name, **ModelParams(name=name).kwargs()).train()
     x = torch.randn(4, 3, 32, 32)
     torch.manual_seed(0)
     first = model(x)
@@ -136,16 +139,21 @@ def test_registry_rejects_an_unknown_name_and_lists_the_known_ones():
 
 
 def test_model_kwargs_pick_the_arguments_of_the_chosen_model():
-    assert model_kwargs(ModelParams(name="custom_resnet", dropout=0.1, downsample="dilation")) == {"dropout": 0.1}
-    chosen = model_kwargs(ModelParams(name="dilated_net", dropout=0.2, downsample="dilation"))
+    assert ModelParams(name="custom_resnet", dropout=0.1, downsample="dilation").kwargs() == {"dropout": 0.1}
+    chosen = ModelParams(name="dilated_net", dropout=0.2, downsample="dilation").kwargs()
     assert chosen == {"dropout": 0.2, "downsample": "dilation"}
     model = build_model("dilated_net", **chosen)
     assert all(conv.stride == (1, 1) for conv in convs(model))
 
 
-def test_registry_imports_without_torch():
-    code = "import sys, cifar_pipeline.models, cifar_pipeline.params; assert 'torch' not in sys.modules"
+def test_params_validate_without_torch():
+    # Every stage validates params.yaml first: a typo must be reported at once, not after torch has loaded.
+    code = "import sys, cifar_pipeline.params; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_allowed_model_name_builds_its_model():
+    assert tuple(models.MODELS) == MODEL_NAMES == get_args(ModelParams.model_fields["name"].annotation)
 
 
 def test_model_summary_has_the_torchinfo_table_and_the_receptive_fields():

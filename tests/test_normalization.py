@@ -3,20 +3,14 @@
 import numpy as np
 import pytest
 import torch
+from conftest import MEAN, STD, random_images
 
 from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.normalization import mean_pixel, normalizer
 
-MEAN = (0.49, 0.48, 0.45)
-STD = (0.25, 0.24, 0.26)
-
-
-def _images(n: int = 8, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-
 
 def test_uint8_pixels_normalise_to_pixel_over_255_minus_mean_over_std():
-    images = _images()
+    images = random_images()
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
     out = normalizer(MEAN, STD, "cpu")(pixels)
     expected = (images / 255.0 - np.array(MEAN)) / np.array(STD)  # float64, channels last
@@ -28,7 +22,7 @@ def test_uint8_pixels_normalise_to_pixel_over_255_minus_mean_over_std():
 
 def test_the_memory_format_is_kept_and_the_values_do_not_depend_on_it():
     normalize = normalizer(MEAN, STD, "cpu")
-    pixels = torch.from_numpy(_images()).permute(0, 3, 1, 2)  # NHWC memory: channels_last
+    pixels = torch.from_numpy(random_images()).permute(0, 3, 1, 2)  # NHWC memory: channels_last
     channels_last, contiguous = normalize(pixels), normalize(pixels.contiguous())
     assert channels_last.is_contiguous(memory_format=torch.channels_last) and contiguous.is_contiguous()
     assert torch.equal(channels_last, contiguous)

@@ -1,13 +1,10 @@
 """params.yaml validation: every mistake is named by key, value and what is allowed."""
 
-from pathlib import Path
-
 import pytest
 import yaml
+from conftest import ROOT
 
 from cifar_pipeline.params import ParamsError, load_params, parse_params
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_params_file_is_valid_and_holds_the_specified_recipe():
@@ -52,7 +49,7 @@ def test_shipped_params_file_sets_every_key_explicitly():
         ({"train": {"amp": True}}, "train.amp: unknown key: replaced by train.precision (auto | fp32 | bf16 | fp16;"),
         ({"trian": {}}, "trian: unknown key (did you mean 'train'?)"),
         ({"data": {"train_subst": 100}}, "data.train_subst: unknown key (did you mean 'data.train_subset'?)"),
-        ({"model": {"name": "vgg"}}, "model.name = 'vgg': unknown model; known models: custom_resnet, dilated_net"),
+        ({"model": {"name": "vgg"}}, "model.name = 'vgg': must be 'custom_resnet' or 'dilated_net'"),
         ({"data": {"md5": "abc"}}, "data.md5 = 'abc': must be null (skip the check) or 32 hexadecimal digits"),
         ({"data": {"num_workers": -1}}, "data.num_workers = -1"),
         ({"data": {"train_subset": 100, "val_size": 100}}, "data.val_size (100) must be smaller"),

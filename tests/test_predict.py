@@ -14,7 +14,8 @@ from PIL import Image
 from test_checkpoint import Payload
 from tiny_model import colour_images, write_images
 
-from cifar_pipeline.checkpoint import FORMAT, load_classifier
+from cifar_pipeline.checkpoint import FORMAT
+from cifar_pipeline.classifier import load_classifier
 from cifar_pipeline.cli import predict_main
 from cifar_pipeline.inference import batch_logits
 from cifar_pipeline.loaders import make_eval_loader

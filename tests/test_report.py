@@ -12,18 +12,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import MEAN, ROOT, STD, save_model
 
-from cifar_pipeline.checkpoint import model_from_checkpoint, save_checkpoint
-from cifar_pipeline.dataset import CLASSES
+from cifar_pipeline.checkpoint import model_from_checkpoint
+from cifar_pipeline.download import CLASSES
 from cifar_pipeline.loaders import make_eval_loader
 from cifar_pipeline.lr_finder import save_results
 from cifar_pipeline.models import build_model
 from cifar_pipeline.report import per_class_accuracy, pick_misclassified, read_tsv
 
-ROOT = Path(__file__).resolve().parents[1]
 PYTHON = Path(sys.executable)
 N_TEST, N_TRAIN, EPOCHS, STEPS_PER_EPOCH, MISCLASSIFIED = 60, 20, 3, 4, 8
-MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 MAX_LR = 0.0123
 WALL_TIMES = {"download": 12.5, "compute-mean-std": 3.25, "lr-find": 95.0, "train": 1234.0}
 
@@ -122,7 +121,7 @@ def make_project(root: Path) -> dict:
         "train_acc": 60.0,
         "device": "cpu",
     }
-    save_checkpoint(root / "models/model.pt", model, "dilated_net", {"dropout": 0.05, "downsample": "stride"}, **extra)
+    save_model(root / "models/model.pt", model, "dilated_net", {"dropout": 0.05, "downsample": "stride"}, **extra)
 
     reports = root / "reports"
     reports.mkdir()
@@ -391,7 +390,7 @@ def test_dvc_plots_show_and_diff_render_every_declared_plot(project, tmp_path):
 
 def test_misclassified_grid_handles_no_mistakes(tmp_path):
     from cifar_pipeline.atomic import save_figure
-    from cifar_pipeline.plots import misclassified_grid
+    from cifar_pipeline.report_figures import misclassified_grid
 
     fig = misclassified_grid(np.zeros((0, 32, 32, 3), np.uint8), [], mistakes=0, total=50)
     assert fig.get_suptitle() == "No mistakes on the 50 test images"

@@ -73,3 +73,35 @@ def test_stage_deps_list_exactly_the_package_files_it_imports(stage):
     code_deps = [dep for dep in deps if dep.startswith("src/")]
     unused = [dep for dep in code_deps if not any(covering_dep(file, [dep]) for file in used)]
     assert not unused, f"{stage} lists {unused} in dvc.yaml but does not import them"
+
+
+def all_imports(path: Path) -> set[Path]:
+    """Every package file `path` imports anywhere: at module level, inside functions, under TYPE_CHECKING."""
+    files = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == PACKAGE:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            files |= {file for file in map(module_file, names) if file is not None}
+    return files - {path}
+
+
+def test_the_package_has_no_import_cycle():
+    # A cycle makes the order of imports matter and hides which module a stage really needs.
+    graph = {path: all_imports(path) for path in (SOURCE / PACKAGE).rglob("*.py")}
+    package_init = SOURCE / PACKAGE / "__init__.py"
+    for start in graph:
+        todo, seen = list(graph[start]), set()
+        while todo:
+            file = todo.pop()
+            assert file != start or start == package_init, f"{start.relative_to(SOURCE)} imports itself through a cycle"
+            if file not in seen:
+                seen.add(file)
+                todo.extend(graph.get(file, ()))
+
+
+def test_code_no_stage_runs_is_outside_every_stage():
+    # The commands' code (cifar-predict, cifar-export) must not rerun a stage when it changes.
+    for module in ("cli.py", "predict.py", "classifier.py", "export.py"):
+        assert not any(
+            f"src/{PACKAGE}/{module}" in used_files(ROOT / stage["cmd"].split()[-1]) for stage in STAGES.values()
+        )

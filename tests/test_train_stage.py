@@ -19,6 +19,8 @@ import torch
 import yaml
 from test_training import assert_same_outputs, colour_images, outputs
 
+pytestmark = pytest.mark.slow  # subprocesses or large models: make test-fast skips it
+
 STAGES = Path(__file__).resolve().parents[1] / "stages"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 SUGGESTED_LR = 0.02

@@ -14,14 +14,15 @@ import torch
 from conftest import dvc_plot_values
 from torch import nn
 
-from cifar_pipeline import checkpoint_writer, engine, training
-from cifar_pipeline.data import CifarDataset, make_loader, set_epoch
+from cifar_pipeline import checkpoint_writer, engine, resume, training
 from cifar_pipeline.errors import MissingInputError, PipelineError
-from cifar_pipeline.loaders import DeviceBatches, make_eval_loader, make_train_loader
+from cifar_pipeline.loaders import CifarDataset, DeviceBatches, make_eval_loader, make_loader, make_train_loader
 from cifar_pipeline.normalization import normalizer
 from cifar_pipeline.params import AugmentParams, ModelParams, TrainParams, parse_params
+from cifar_pipeline.runtime import Runtime, make_runtime, pick_device, seed_everything
+from cifar_pipeline.sampling import set_epoch
 
-CPU = engine.Runtime(torch.device("cpu"))
+CPU = Runtime(torch.device("cpu"))
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 TIMING = ("epoch_time_s", "images_per_s", "wall_time_s")
 
@@ -35,15 +36,25 @@ def colour_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(images, 0, 255).astype(np.uint8), labels
 
 
-def loader(n: int, batch_size: int, train: bool, seed: int = 0, workers: int = 0, backend: str = "albumentations"):
+def loader(
+    n: int,
+    batch_size: int,
+    train: bool,
+    seed: int = 0,
+    workers: int = 0,
+    backend: str = "albumentations",
+    full_batches: bool = False,
+):
     """Unaugmented batches of colour_images; the gpu backend's (augmented when training) on the CPU."""
     images, labels = colour_images(n, seed)
     if backend == "gpu":
         options = {"batch_size": batch_size, "seed": 0, "num_workers": 0, "device": CPU.device}
         if train:
-            return make_train_loader(images, labels, AugmentParams(backend="gpu"), MEAN, STD, **options)
+            augment = AugmentParams(backend="gpu")
+            return make_train_loader(images, labels, augment, MEAN, STD, full_batches=full_batches, **options)
         return make_eval_loader(images, labels, MEAN, STD, backend="gpu", **options)
-    uint8_batches = make_loader(CifarDataset(images, labels, None, 0), batch_size, train, workers, 0, False)
+    dataset = CifarDataset(images, labels, None, 0)
+    uint8_batches = make_loader(dataset, batch_size, train, workers, 0, False, full_batches)
     return DeviceBatches(uint8_batches, normalizer(MEAN, STD, CPU.device), CPU.device)
 
 
@@ -66,11 +77,10 @@ def run_fit(
     loading = loading or {}  # loader() options: workers, backend
     eval_loaders = {"val": loader(20, 10, False, seed=2, **loading)} if val else {}
     eval_loaders["test"] = loader(20, 10, False, seed=1, **loading)
+    full_batches = bool(train.compile)
     return training.fit(
         model or tiny_model(),
-        "tiny",
-        {},
-        loader(images, 10, True, **loading),
+        loader(images, 10, True, full_batches=full_batches, **loading),
         eval_loaders,
         train,
         CPU,
@@ -78,15 +88,14 @@ def run_fit(
         max_lr_source="params",
         run_fingerprint=fingerprint,
         checkpoint_extra={
+            "model_name": "tiny",
+            "model_kwargs": {},
             "batch_size": 10,
             "mean": list(MEAN),
             "std": list(STD),
             "classes": [str(i) for i in range(10)],
         },
-        live_dir=tmp_path / "reports/train",
-        model_path=tmp_path / "models/model.pt",
-        best_path=tmp_path / "models/best.pt",
-        resume_path=tmp_path / ".resume/train.pt",
+        root=tmp_path,
         **kwargs,
     )
 
@@ -125,38 +134,38 @@ def assert_same_outputs(a: dict, b: dict) -> None:
 
 
 def test_pick_device_auto_and_explicit():
-    assert engine.pick_device("cpu") == torch.device("cpu")
+    assert pick_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    assert engine.pick_device("auto").type == expected
+    assert pick_device("auto").type == expected
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_pick_device_refuses_a_missing_device():
     with pytest.raises(PipelineError, match="train.device"):
-        engine.pick_device("cuda")
+        pick_device("cuda")
 
 
 def test_cpu_runtime_is_fp32_unless_bf16_is_asked_for():
-    runtime = engine.make_runtime(TrainParams(device="cpu"))
-    assert runtime == engine.Runtime(torch.device("cpu"), None, True)
-    runtime = engine.make_runtime(TrainParams(device="cpu", precision="fp32", channels_last=False))
-    assert runtime == engine.Runtime(torch.device("cpu"), None, False)
+    runtime = make_runtime(TrainParams(device="cpu"))
+    assert runtime == Runtime(torch.device("cpu"), None, True)
+    runtime = make_runtime(TrainParams(device="cpu", precision="fp32", channels_last=False))
+    assert runtime == Runtime(torch.device("cpu"), None, False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the CI machine may lack bf16 hardware: that is only a warning
-        runtime = engine.make_runtime(TrainParams(device="cpu", precision="bf16"))
+        runtime = make_runtime(TrainParams(device="cpu", precision="bf16"))
     assert runtime.amp_dtype == torch.bfloat16
 
 
 def test_cpu_bf16_without_hardware_support_warns(monkeypatch):
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("cifar_pipeline.runtime.cpu_has_native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="no bf16 hardware"):
-        engine.make_runtime(TrainParams(device="cpu", precision="bf16"))
+        make_runtime(TrainParams(device="cpu", precision="bf16"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_fp16_off_cuda_is_refused_with_the_key():
     with pytest.raises(PipelineError, match="train.precision fp16 needs CUDA"):
-        engine.make_runtime(TrainParams(device="cpu", precision="fp16"))
+        make_runtime(TrainParams(device="cpu", precision="fp16"))
 
 
 def test_cpu_bf16_step_matches_fp32_closely_and_leaves_fp32_weights():
@@ -165,7 +174,7 @@ def test_cpu_bf16_step_matches_fp32_closely_and_leaves_fp32_weights():
     images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     losses = {}
     for dtype in (None, torch.bfloat16):
-        runtime = engine.Runtime(torch.device("cpu"), dtype, True)
+        runtime = Runtime(torch.device("cpu"), dtype, True)
         model = engine.new_model(ModelParams(name="dilated_net"), 0, runtime)
         optimizer = engine.make_optimizer(model, 1e-3, 0.0, runtime)
         loss, logits = engine.train_step(
@@ -203,7 +212,7 @@ def test_one_cycle_peaks_at_the_end_of_peak_epoch_and_returns_to_the_start(epoch
 
 def test_train_epoch_is_deterministic_on_the_cpu_and_learns():
     def run():
-        engine.seed_everything(0)
+        seed_everything(0)
         model = tiny_model()
         optimizer = engine.make_optimizer(model, 0.05, 1e-4, CPU)
         scheduler = engine.make_scheduler(optimizer, 0.05, 3, 4, 1, 10.0)
@@ -268,24 +277,24 @@ def test_fingerprint_follows_params_and_inputs_but_not_workers(tmp_path):
     stats = tmp_path / "stats.json"
     stats.write_text('{"mean": [0.5]}')
     base = parse_params({})
-    same = training.fingerprint(base, 0.1, [stats])
-    assert training.fingerprint(parse_params({"data": {"num_workers": 3}}), 0.1, [stats]) == same
-    assert training.fingerprint(parse_params({"train": {"epochs": 5}}), 0.1, [stats]) != same
-    assert training.fingerprint(base, 0.2, [stats]) != same
+    same = resume.fingerprint(base, 0.1, [stats])
+    assert resume.fingerprint(parse_params({"data": {"num_workers": 3}}), 0.1, [stats]) == same
+    assert resume.fingerprint(parse_params({"train": {"epochs": 5}}), 0.1, [stats]) != same
+    assert resume.fingerprint(base, 0.2, [stats]) != same
     stats.write_text('{"mean": [0.6]}')
-    assert training.fingerprint(base, 0.1, [stats]) != same
+    assert resume.fingerprint(base, 0.1, [stats]) != same
 
 
 def test_fingerprint_follows_the_package_source_but_not_where_it_lies(tmp_path):
     """A run killed under old code must not be resumed by new code; a clone moved elsewhere may resume."""
     base = parse_params({})
     code = tmp_path / "moved" / "cifar_pipeline"
-    shutil.copytree(training.PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__"))
-    same = training.fingerprint(base, 0.1, [])
-    assert training.fingerprint(base, 0.1, [], code_dir=code) == same
+    shutil.copytree(resume.PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__"))
+    same = resume.fingerprint(base, 0.1, [])
+    assert resume.fingerprint(base, 0.1, [], code_dir=code) == same
     model_file = code / "models" / "__init__.py"
     model_file.write_text(model_file.read_text() + "\n# an edit\n")
-    assert training.fingerprint(base, 0.1, [], code_dir=code) != same
+    assert resume.fingerprint(base, 0.1, [], code_dir=code) != same
 
 
 def test_fit_logs_every_metric_and_the_one_cycle_schedule(tmp_path, capsys):
@@ -367,17 +376,17 @@ def interrupt_in_epoch(monkeypatch, epoch: int) -> None:
 @pytest.mark.parametrize("loading", [{"workers": 0}, {"workers": 1}, {"backend": "gpu"}])
 def test_an_interrupted_fit_resumes_to_the_same_result(tmp_path, monkeypatch, capsys, loading):
     train = TrainParams(epochs=3, peak_epoch=1, device="cpu")
-    engine.seed_everything(0)
+    seed_everything(0)
     run_fit(tmp_path / "whole", train, loading=loading)
 
-    engine.seed_everything(0)
+    seed_everything(0)
     interrupt_in_epoch(monkeypatch, 2)
     with pytest.raises(Interrupt):
         run_fit(tmp_path / "cut", train, loading=loading)
     assert torch.load(tmp_path / "cut/.resume/train.pt", weights_only=True)["epoch"] == 1
     monkeypatch.undo()
 
-    engine.seed_everything(0)
+    seed_everything(0)
     # Other initial weights and RNG state: both must come from the resume state.
     run_fit(tmp_path / "cut", train, model=tiny_model(seed=123), loading=loading)
     assert "resuming after epoch 1 of 3" in capsys.readouterr().out
@@ -389,7 +398,7 @@ def test_a_kill_while_an_epochs_files_are_written_resumes_from_the_epoch_before(
     """The files go out on a background thread: a run killed while epoch 2's are written has epoch 1's resume state
     on disk, and best.pt may already be epoch 2's (it is written first). It still ends as an uninterrupted run."""
     train = TrainParams(epochs=4, peak_epoch=1, device="cpu")
-    engine.seed_everything(0)
+    seed_everything(0)
     run_fit(tmp_path / "whole", train, max_lr=0.01)  # the test accuracy improves in epochs 1, 2 and 3
 
     save = checkpoint_writer.save_plain
@@ -400,7 +409,7 @@ def test_a_kill_while_an_epochs_files_are_written_resumes_from_the_epoch_before(
         save(path, obj)
 
     monkeypatch.setattr(checkpoint_writer, "save_plain", killed_at_epoch_2)
-    engine.seed_everything(0)
+    seed_everything(0)
     with pytest.raises(Interrupt):  # raised on the training thread at the next epoch's snapshot
         run_fit(tmp_path / "cut", train, max_lr=0.01)
     monkeypatch.undo()
@@ -409,7 +418,7 @@ def test_a_kill_while_an_epochs_files_are_written_resumes_from_the_epoch_before(
     assert not (tmp_path / "cut/models/model.pt").exists()
     capsys.readouterr()
 
-    engine.seed_everything(0)
+    seed_everything(0)
     run_fit(tmp_path / "cut", train, model=tiny_model(seed=123), max_lr=0.01)
     assert "resuming after epoch 1 of 4" in capsys.readouterr().out
     assert not (tmp_path / "cut/.resume/train.pt").exists()
@@ -452,19 +461,19 @@ def test_compiled_training_uses_full_batches_and_a_schedule_of_that_many_steps(t
 
 def test_compiling_needs_one_full_batch(tmp_path):
     train = TrainParams(epochs=1, peak_epoch=1, device="cpu", compile="default")
-    with pytest.raises(PipelineError, match="train.compile trains on full batches only.* 8 training images"):
+    with pytest.raises(PipelineError, match="the 8 training images make no batch to train on: with train.compile"):
         run_fit(tmp_path, train, images=8)
 
 
 def test_a_resume_state_from_other_params_is_discarded(tmp_path, monkeypatch, capsys):
     train = TrainParams(epochs=2, peak_epoch=1, device="cpu")
-    engine.seed_everything(0)
+    seed_everything(0)
     interrupt_in_epoch(monkeypatch, 2)
     with pytest.raises(Interrupt):
         run_fit(tmp_path, train, fingerprint="old")
     monkeypatch.undo()
 
-    engine.seed_everything(0)
+    seed_everything(0)
     run_fit(tmp_path, train, fingerprint="new")
     out = capsys.readouterr().out
     assert "other params, inputs or code" in out and "resuming" not in out

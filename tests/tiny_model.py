@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from archives import CLASSES
+from conftest import save_model
 from PIL import Image
 
-from cifar_pipeline.checkpoint import save_checkpoint
-from cifar_pipeline.engine import Runtime, make_optimizer, make_scaler, train_step
+from cifar_pipeline.engine import make_optimizer, make_scaler, train_step
 from cifar_pipeline.models import build_model
+from cifar_pipeline.runtime import Runtime
 
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.25, 0.25)
 # One colour per class, far apart from each other.
@@ -60,7 +61,7 @@ def train_tiny_model(
     for _ in range(steps):
         train_step(model, x, y, optimizer, torch.nn.CrossEntropyLoss(), make_scaler(runtime), runtime)
     extra = {"epoch": 1, "mean": list(MEAN), "std": list(STD), "classes": list(CLASSES), "batch_size": len(y)}
-    save_checkpoint(path, model, "dilated_net", {"dropout": 0.0, "downsample": "stride"}, **extra)
+    save_model(path, model, "dilated_net", {"dropout": 0.0, "downsample": "stride"}, **extra)
     return images, labels
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pickle
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,9 @@ import torch
 from torch import nn
 
 from cifar_pipeline.atomic import save_torch
+from cifar_pipeline.choices import MODEL_NAMES
 from cifar_pipeline.errors import MissingInputError, PipelineError
-from cifar_pipeline.models import MODEL_NAMES, build_model
+from cifar_pipeline.models import build_model
 
 FORMAT = "cifar_pipeline/1"
 COMPILED_PREFIX = "_orig_mod."  # torch.compile wraps the model and prefixes every state_dict key with this
@@ -54,10 +54,6 @@ def make_checkpoint(state_dict: dict, model_name: str, model_kwargs: dict, **ext
 def save_plain(path: str | Path, obj: dict[str, Any]) -> None:
     """Save `obj` atomically with its tensors on the CPU; refuse anything torch.load(weights_only=True) would."""
     save_torch(path, _plain(obj, "checkpoint"))
-
-
-def save_checkpoint(path: str | Path, model: nn.Module, model_name: str, model_kwargs: dict, **extra: Any) -> None:
-    save_plain(path, make_checkpoint(model_state(model), model_name, model_kwargs, **extra))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -113,39 +109,3 @@ def model_from_checkpoint(checkpoint: dict) -> nn.Module:
         detail = " ".join(str(exc).split())[:500]  # load_state_dict lists every key: keep the start
         raise PipelineError(f"the checkpoint's weights do not fit model {name!r} with {kwargs}: {detail}") from None
     return model.eval()
-
-
-@dataclass(frozen=True)
-class Classifier:
-    """A trained model with what it needs to classify raw images: its classes and its normalisation."""
-
-    model: nn.Module  # in eval mode, on the CPU
-    classes: tuple[str, ...]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    model_name: str
-
-
-def load_classifier(path: str | Path) -> Classifier:
-    """The model in a checkpoint written by the train stage, with its own class names, mean and std."""
-    checkpoint = load_checkpoint(path)
-    missing = [key for key in ("classes", "mean", "std") if key not in checkpoint]
-    if missing:
-        raise PipelineError(
-            f"{path} has no {', '.join(missing)}: it was not written by the train stage, which saves them; "
-            "rerun the 'train' stage (dvc repro train)"
-        )
-    classes, mean, std = checkpoint["classes"], checkpoint["mean"], checkpoint["std"]
-    if not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(c, str) for c in classes):
-        raise PipelineError(f"{path} holds no list of class names (classes = {classes!r}): rerun the 'train' stage")
-    for name, values in (("mean", mean), ("std", std)):
-        numbers = isinstance(values, (list, tuple)) and all(isinstance(v, (int, float)) for v in values)
-        if not numbers or len(values) != 3 or (name == "std" and min(values) <= 0):
-            raise PipelineError(f"{path} holds no valid per-channel {name} ({values!r}): rerun the 'train' stage")
-    model = model_from_checkpoint(checkpoint)
-    with torch.inference_mode():
-        outputs = model(torch.zeros(1, 3, 32, 32)).shape[1]
-    if outputs != len(classes):
-        raise PipelineError(f"{path} names {len(classes)} classes but its model has {outputs} outputs")
-    as_floats = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-    return Classifier(model, tuple(classes), *as_floats, checkpoint["model_name"])

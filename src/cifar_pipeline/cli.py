@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from cifar_pipeline.choices import DEVICES
 from cifar_pipeline.errors import run_stage
 
 DEFAULT_MODEL = "models/model.pt"
@@ -38,7 +39,7 @@ def predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     parser.add_argument("--top-k", type=_positive, default=3, help="classes shown per image (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
-    parser.add_argument("--device", choices=["cpu", "cuda", "mps", "auto"], default="cpu", help="default cpu")
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="default cpu")
     parser.add_argument("--batch-size", type=_positive, default=256, help="images per forward pass (default 256)")
     parser.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror")
     return parser
@@ -47,9 +48,9 @@ def predict_parser() -> argparse.ArgumentParser:
 def _predict(argv: Sequence[str] | None) -> None:
     args = predict_parser().parse_args(argv)
     # Imported after parsing: --help and usage errors answer at once, without loading torch.
-    from cifar_pipeline.checkpoint import load_classifier
-    from cifar_pipeline.engine import pick_device
+    from cifar_pipeline.classifier import load_classifier
     from cifar_pipeline.predict import PROGRESS_MIN_FILES, classify, find_images
+    from cifar_pipeline.runtime import pick_device
 
     classifier = load_classifier(args.model)
     device = pick_device(args.device, key="--device")
@@ -101,7 +102,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 def _export(argv: Sequence[str] | None) -> None:
     args = export_parser().parse_args(argv)
-    from cifar_pipeline.checkpoint import load_classifier
+    from cifar_pipeline.classifier import load_classifier
     from cifar_pipeline.export import export_onnx
 
     classifier = load_classifier(args.model)

@@ -4,6 +4,9 @@ The archive may be a URL (official host or a mirror), a file:// URL or a local p
 from its contents: the official python-pickle batches, or an image folder ([top/]train/<class>/*.png|jpg).
 Members are read straight from the tar stream, never extracted, and pickles go through a restricted unpickler,
 so a hostile archive can neither write outside data/ nor run code.
+
+The output is a function of the archive alone: the same archive gives byte-identical files (the npz members carry a
+fixed timestamp, and the stage's wall time goes to a file of its own), so rerunning the stage reruns nothing after it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -29,8 +33,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from cifar_pipeline.dataset import CLASSES, DATA_DIR
 from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.paths import DATA_DIR
+
+# The official label order: label i is CLASSES[i].
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 SHARED_COPY_HINT = "../shared/datasets/cifar10-jpeg.tar.gz"
 PICKLE_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -325,7 +332,17 @@ def read_archive(path: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], 
 # --- the stage ------------------------------------------------------------------------------------------------
 
 
-def _write_output(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict, start: float) -> None:
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """np.savez, byte for byte the same for the same arrays: np.savez stamps each member with the current time.
+    Uncompressed, so loading is fast; np.load reads it as any npz."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(member, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+
+
+def _write_output(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) -> None:
     """Write the whole folder beside `out_dir`, then rename it into place: never half an output."""
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     old = out_dir.with_name(f".{out_dir.name}.old")
@@ -333,8 +350,7 @@ def _write_output(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]
     tmp.mkdir(parents=True)
     try:
         for split, (images, labels) in splits.items():
-            np.savez(tmp / f"{split}.npz", images=images, labels=labels)  # uncompressed: fast to load
-        meta["wall_time_s"] = round(time.perf_counter() - start, 3)
+            save_npz(tmp / f"{split}.npz", images=images, labels=labels)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         shutil.rmtree(old, ignore_errors=True)
         if out_dir.exists():
@@ -360,7 +376,6 @@ def download(
     A local path (relative to `root`) or file:// URL is read in place; an http(s) download goes to a scratch
     folder beside `out_dir` that is removed afterwards.
     """
-    start = time.perf_counter()
     out_dir = Path(out_dir)
     scratch = out_dir.with_name(f".{out_dir.name}.download")
     shutil.rmtree(scratch, ignore_errors=True)  # a killed earlier run's .part is never reused
@@ -393,5 +408,5 @@ def download(
             for split, (_, labels) in splits.items()
         },
     }
-    _write_output(out_dir, splits, meta, start)
+    _write_output(out_dir, splits, meta)
     return meta

@@ -1,5 +1,5 @@
-"""The training recipe shared by the lr-find and train stages: device and precision, seeding, Adam, the One Cycle
-schedule, the train step, one epoch, and evaluation.
+"""The training recipe shared by the lr-find and train stages: a new model, Adam, the One Cycle schedule, the train
+step, one epoch, and evaluation. Where and how it runs (device, precision) is runtime.py's.
 
 The epoch loop does not sync the host with the device per step: losses and correct counts accumulate on the device
 and are read once per epoch (and every few steps by the progress bar, on a terminal only), which keeps a GPU busy.
@@ -7,118 +7,19 @@ and are read once per epoch (and every few steps by the progress bar, on a termi
 
 from __future__ import annotations
 
-import itertools
-import os
-import random
 import time
-import warnings
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cifar_pipeline.errors import PipelineError
-from cifar_pipeline.models import build_model, model_kwargs
-from cifar_pipeline.params import ModelParams, TrainParams
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where and how the model runs, chosen once from the `train` params."""
-
-    device: torch.device
-    amp_dtype: torch.dtype | None = None  # None: plain fp32
-    channels_last: bool = False
-
-    def autocast(self) -> AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-
-    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        non_blocking = self.device.type == "cuda"  # overlaps the copy with compute when the loader pins memory
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        images = images.to(self.device, non_blocking=non_blocking, memory_format=memory_format)
-        return images, labels.to(self.device, non_blocking=non_blocking)
-
-
-def pick_device(setting: str, key: str = "train.device") -> torch.device:
-    """`auto`: CUDA, then Apple MPS, then the CPU. An explicitly requested device must exist.
-
-    `key` is where the user chose `setting` (a params.yaml key, or a command-line option such as --device).
-    """
-    if setting not in ("auto", "cpu", "cuda", "mps"):
-        raise PipelineError(f"{key} must be auto, cpu, cuda or mps, got {setting!r}")
-    cuda = torch.cuda.is_available()
-    mps = torch.backends.mps.is_available()
-    if setting == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if (setting == "cuda" and not cuda) or (setting == "mps" and not mps):
-        in_params = "" if key.startswith("-") else " in params.yaml"
-        raise PipelineError(
-            f"{key} is {setting!r} but no {setting.upper()} device is available here: "
-            f"set {key} to auto (or cpu){in_params}"
-        )
-    return torch.device(setting)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere oneDNN emulates it, slowly."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype that `train.precision` asks for on `device` (None: plain fp32).
-
-    auto is bf16 on CUDA where supported (fp16 with a grad scaler before Ampere) and fp32 elsewhere: the CPU stays in
-    fp32 unless asked, as fp32 results do not depend on whether the CPU has bf16 hardware.
-    """
-    cuda = device.type == "cuda"
-    if precision == "fp32" or (precision == "auto" and not cuda):
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "fp16" and not cuda:
-        raise PipelineError(
-            f"train.precision fp16 needs CUDA (the device here is {device.type}): use auto, fp32 or bf16"
-        )
-    if precision == "bf16" and device.type == "mps":
-        raise PipelineError("train.precision bf16 is not supported on mps here: use auto or fp32")
-    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise PipelineError("train.precision bf16: this GPU has no bf16 support; use auto (fp16 with a grad scaler)")
-    if precision == "bf16" and not cuda and not cpu_has_native_bf16():
-        warnings.warn(
-            "train.precision bf16: this CPU has no bf16 hardware (AVX512-BF16 or AMX), so bf16 is emulated and "
-            "likely slower than fp32",
-            stacklevel=2,
-        )
-    return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
-def make_runtime(train: TrainParams) -> Runtime:
-    """The device (`train.device`), its precision (`train.precision`) and memory format (`train.channels_last`)."""
-    device = pick_device(train.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not train.deterministic
-    return Runtime(device, autocast_dtype(train.precision, device), train.channels_last)
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed every RNG a run touches; with `deterministic`, also ask PyTorch for deterministic kernels.
-
-    Call it before anything touches CUDA: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it starts.
-    """
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # seeds CUDA and MPS too
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.deterministic = True
-        # warn_only: an op without a deterministic kernel warns instead of stopping a long run.
-        torch.use_deterministic_algorithms(True, warn_only=True)
+from cifar_pipeline.models import build_model
+from cifar_pipeline.params import ModelParams
+from cifar_pipeline.runtime import Runtime
 
 
 def prepare_model(model: nn.Module, runtime: Runtime) -> nn.Module:
@@ -129,35 +30,17 @@ def prepare_model(model: nn.Module, runtime: Runtime) -> nn.Module:
 def new_model(model: ModelParams, seed: int, runtime: Runtime) -> nn.Module:
     """A freshly initialised model on the runtime's device: lr-find and train start from the same weights."""
     torch.manual_seed(seed)
-    return prepare_model(build_model(model.name, **model_kwargs(model)), runtime)
+    return prepare_model(build_model(model.name, **model.kwargs()), runtime)
 
 
 def compile_model(model: nn.Module, mode: str) -> nn.Module:
-    """torch.compile for the train step (`train.compile`), with static shapes: FullBatches keeps them static.
+    """torch.compile for the train step (`train.compile`), with static shapes: the loader's full_batches keeps them
+    static.
 
     The compiled module shares the model's parameters; evaluation runs the model itself, eagerly: its last batch has
     another shape, and eval-mode batch norm would be another graph to compile.
     """
     return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
-
-
-class FullBatches:
-    """A training loader's full batches only: every batch has one shape, so torch.compile builds one graph and CUDA
-    graphs record once. The shuffle leaves out other images each epoch (fewer than a batch), as drop_last does.
-
-    Its len is the number of steps an epoch, which the One Cycle schedule must be built with.
-    """
-
-    def __init__(self, loader: DataLoader) -> None:
-        self.loader = loader
-        self.dataset = loader.dataset
-        self.batch_sampler = loader.batch_sampler  # for data.set_epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset) // self.batch_sampler.batch_size
-
-    def __iter__(self) -> Iterator:
-        return itertools.islice(iter(self.loader), len(self))
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, runtime: Runtime) -> torch.optim.Adam:

@@ -7,8 +7,11 @@ prints one readable message and exits non-zero. Anything else is a bug and keeps
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+from cifar_pipeline.atomic import write_json
 
 
 class PipelineError(Exception):
@@ -29,10 +32,17 @@ def require_inputs(paths: dict[str, str]) -> None:
             )
 
 
-def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main function; turn a PipelineError into a clear message and exit status 2."""
+def run_stage(main: Callable[[], None], time_file: str | Path | None = None) -> None:
+    """Run a stage's main function; turn a PipelineError into a clear message and exit status 2.
+
+    `time_file`: where the stage's wall time goes, as {"wall_time_s": ...}. A file of its own, because a time differs
+    on every run: in an output that a later stage reads, it would rerun that stage for nothing.
+    """
+    started = time.perf_counter()
     try:
         main()
+        if time_file is not None:
+            write_json(time_file, {"wall_time_s": round(time.perf_counter() - started, 3)})
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from cifar_pipeline.atomic import atomic_path
-from cifar_pipeline.checkpoint import Classifier
+from cifar_pipeline.classifier import Classifier
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 

@@ -11,7 +11,8 @@ points lag the real loss), it offers only the steepest-gradient rule, and it wou
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cifar_pipeline.atomic import save_figure, write_json
-from cifar_pipeline.data import set_epoch
-from cifar_pipeline.engine import Runtime, loader_batches, make_optimizer, make_scaler, train_step
+from cifar_pipeline.engine import loader_batches, make_optimizer, make_scaler, new_model, train_step
 from cifar_pipeline.errors import PipelineError
-from cifar_pipeline.params import LrFindParams
+from cifar_pipeline.loaders import prepare_training
+from cifar_pipeline.params import LrFindParams, Params
+from cifar_pipeline.runtime import Runtime
+from cifar_pipeline.sampling import set_epoch
 
 # The bias-corrected average still follows single batches over its first points (about 1/smooth of them): their
 # slope is noise, so the steepest rule skips them, and a suggestion there means the range starts too late.
@@ -32,6 +35,7 @@ SKIP_START = 0.10
 SKIP_END = 0.05
 # A curve whose smoothed loss never falls this far below its starting value "never descends".
 MIN_DROP = 0.05
+SEE = "see reports/lr_find.png"
 
 
 def _cycle(loader: DataLoader) -> Iterator:
@@ -93,6 +97,25 @@ def range_test(
     return {"lr": lrs, "loss": losses, "raw_loss": raw_losses, "diverged": diverged}
 
 
+def run_range_test(params: Params) -> dict[str, Any]:
+    """The lr-find stage's test: a fresh model, trained on the same batches as the train stage will see."""
+    runtime, _, _, _, loader = prepare_training(params)
+    cfg = params.lr_find
+    steps = f"{cfg.num_iter} steps from {cfg.start_lr:g} to {cfg.end_lr:g}"
+    print(f"LR range test: {steps} on {runtime.device}", flush=True)
+    return range_test(
+        new_model(params.model, params.seed, runtime),
+        loader,
+        runtime,
+        start_lr=cfg.start_lr,
+        end_lr=cfg.end_lr,
+        num_iter=cfg.num_iter,
+        smooth=cfg.smooth,
+        diverge_threshold=cfg.diverge_threshold,
+        weight_decay=params.train.weight_decay,
+    )
+
+
 def _longest_descent(losses: list[float]) -> tuple[int, int]:
     """(length, last index) of the longest strictly decreasing subsequence of `losses` (O(n^2); n is small)."""
     length = [1] * len(losses)  # of the longest decreasing subsequence ending at i
@@ -102,26 +125,6 @@ def _longest_descent(losses: list[float]) -> tuple[int, int]:
                 length[i] = length[j] + 1
     last = max(range(len(losses)), key=length.__getitem__)  # the first of equals
     return length[last], last
-
-
-def suggest_index(lrs: list[float], losses: list[float], rule: str, lo: int = 0, hi: int | None = None) -> int:
-    """Index of the suggested max LR by `rule`.
-
-    steepest: the most negative slope of the smoothed loss against log10(lr), among points lo..hi-1.
-    valley (fastai's rule): about halfway along the longest stretch over which the loss keeps falling.
-    """
-    loss = np.asarray(losses)
-    if rule == "steepest":
-        slope = np.gradient(loss, np.log10(np.asarray(lrs)))
-        return lo + int(np.argmin(slope[lo:hi]))
-    if rule == "valley":
-        # As fastai: the valley starts as many points before its end as the subsequence is long, so noise picked
-        # up in the flat start of the curve does not drag the valley's start back to the first LRs.
-        length, last = _longest_descent(losses)
-        first = max(0, last - length)
-        third = (last - first) / 3
-        return first + int(third) + int(third / 2)
-    raise PipelineError(f"suggest_index takes steepest or valley (suggest_lr does the others), got {rule!r}")
 
 
 def centred_average(raw_losses: list[float], smooth: float) -> np.ndarray:
@@ -138,71 +141,119 @@ def centred_average(raw_losses: list[float], smooth: float) -> np.ndarray:
     return np.array([raw[max(0, i - half) : i + half + 1].mean() for i in range(len(raw))])
 
 
+@dataclass(frozen=True)
+class Curve:
+    """A range test's curve as the rules read it, and the part of it (lo..hi-1) a suggestion may come from."""
+
+    lrs: list[float]
+    losses: list[float]  # the bias-corrected moving average
+    raw: list[float]  # the loss of each batch
+    lo: int
+    hi: int
+    diverged: bool
+    cfg: LrFindParams
+
+    def lowest(self, losses: list[float] | np.ndarray) -> int:
+        """Index of the lowest of `losses`, refused where the range test was too short at either end."""
+        lowest = int(np.argmin(losses))
+        if lowest <= self.lo:
+            raise PipelineError(
+                f"the loss was lowest at the low end of the LR range test (lr {self.lrs[lowest]:.3g}) and rose after: "
+                f"set a lower lr_find.start_lr (now {self.cfg.start_lr:g}) in params.yaml ({SEE})"
+            )
+        if lowest >= self.hi - 1 and not self.diverged:
+            raise PipelineError(
+                f"the loss was still falling at the end of the LR range test (lowest at lr {self.lrs[lowest]:.3g}): "
+                f"set a higher lr_find.end_lr (now {self.cfg.end_lr:g}) in params.yaml ({SEE})"
+            )
+        return lowest
+
+    def lr_at(self, index: int) -> float:
+        """The LR at `index`, refused at either end of the range: there the curve says the range was too short."""
+        rule, lr = self.cfg.rule, self.lrs[index]
+        if index <= self.lo:
+            raise PipelineError(
+                f"the {rule} point of the LR range test is at the low end of the range (lr {lr:.3g}): the loss "
+                f"was already falling fast at the first LRs. Set a lower lr_find.start_lr (now {self.cfg.start_lr:g}) "
+                f"in params.yaml ({SEE})"
+            )
+        if index >= self.hi - 1 and not self.diverged:
+            raise PipelineError(
+                f"the {rule} point of the LR range test is at the high end of the range (lr {lr:.3g}): the loss "
+                f"was still falling at the last LRs. Set a higher lr_find.end_lr (now {self.cfg.end_lr:g}) in "
+                f"params.yaml ({SEE})"
+            )
+        return float(lr)
+
+
+def descent_end(curve: Curve) -> float:
+    """Smith's rule for cyclical schedules: the max LR is where the loss stops falling, divided by lr_find.divisor.
+    Read off the centred curve: the lagging moving average would put that point most of a decade too high."""
+    return curve.lr_at(curve.lowest(centred_average(curve.raw, curve.cfg.smooth))) / curve.cfg.divisor
+
+
+def minimum(curve: Curve) -> float:
+    """fastai's "minimum": a tenth of the LR of the lowest loss, a step back from where training turns unstable."""
+    lr = curve.lrs[curve.lowest(curve.losses)]
+    if lr / 10 < curve.cfg.start_lr:
+        raise PipelineError(
+            f"a tenth of the LR of the lowest loss ({lr:.3g}) is below the range test's start: set a lower "
+            f"lr_find.start_lr (now {curve.cfg.start_lr:g}) in params.yaml ({SEE})"
+        )
+    return float(lr) / 10
+
+
+def steepest(curve: Curve) -> float:
+    """The most negative slope of the smoothed loss against log10(lr), on the descent only: past the lowest loss,
+    a dip in the noisy climb is no place to train at."""
+    end = min(curve.hi, curve.lowest(curve.losses) + 1)
+    slope = np.gradient(np.asarray(curve.losses), np.log10(np.asarray(curve.lrs)))
+    return curve.lr_at(curve.lo + int(np.argmin(slope[curve.lo : end])))
+
+
+def valley(curve: Curve) -> float:
+    """fastai's rule: about halfway along the longest stretch over which the loss keeps falling. As fastai, the
+    valley starts as many points before its end as the subsequence is long, so noise picked up in the flat start
+    of the curve does not drag the valley's start back to the first LRs."""
+    curve.lowest(curve.losses)  # the same refusals as the other rules
+    length, last = _longest_descent(curve.losses)
+    first = max(0, last - length)
+    third = (last - first) / 3
+    return curve.lr_at(first + int(third) + int(third / 2))
+
+
+# lr_find.rule -> the function that turns the curve into a max LR (choices.LR_RULES names them).
+RULES: dict[str, Callable[[Curve], float]] = {
+    "descent_end": descent_end,
+    "steepest": steepest,
+    "valley": valley,
+    "minimum": minimum,
+}
+
+
 def suggest_lr(result: dict[str, Any], cfg: LrFindParams) -> float:
     """The suggested max LR by `cfg.rule`, or a PipelineError saying which end of the range to widen."""
-    rule, start_lr, end_lr, num_iter = cfg.rule, cfg.start_lr, cfg.end_lr, cfg.num_iter
     lrs, losses, diverged = result["lr"], result["loss"], result["diverged"]
-    see = "see reports/lr_find.png"
     # The points a suggestion may come from, counted on the planned range so a diverged run keeps the same margins.
-    lo, hi = math.ceil(SKIP_START * num_iter), len(lrs) - math.ceil(SKIP_END * num_iter)
+    lo, hi = math.ceil(SKIP_START * cfg.num_iter), len(lrs) - math.ceil(SKIP_END * cfg.num_iter)
     if hi - lo < 5:
         where = f" at lr {lrs[-1]:.3g}" if lrs else ""
         raise PipelineError(
-            f"the LR range test diverged after {len(lrs)} of {num_iter} iterations{where}, before the loss could fall: "
-            f"set a lower lr_find.start_lr (now {start_lr:g}) in params.yaml ({see})"
+            f"the LR range test diverged after {len(lrs)} of {cfg.num_iter} iterations{where}, before the loss could "
+            f"fall: set a lower lr_find.start_lr (now {cfg.start_lr:g}) in params.yaml ({SEE})"
         )
     start = float(np.mean(losses[: max(1, lo)]))
     if min(losses) > (1 - MIN_DROP) * start:
         if diverged:
-            fix = f"set a lower lr_find.start_lr (now {start_lr:g}) in params.yaml"
+            fix = f"set a lower lr_find.start_lr (now {cfg.start_lr:g}) in params.yaml"
         else:
-            fix = f"set a higher lr_find.end_lr (now {end_lr:g}) in params.yaml, or check that the labels are learnable"
+            fix = f"set a higher lr_find.end_lr (now {cfg.end_lr:g}) in params.yaml, or check that the labels are "
+            fix += "learnable"
         raise PipelineError(
             f"the smoothed loss never fell by {MIN_DROP:.0%} between lr {lrs[0]:.3g} and {lrs[-1]:.3g}"
-            f"{' before it diverged' if diverged else ''}: {fix} ({see})"
+            f"{' before it diverged' if diverged else ''}: {fix} ({SEE})"
         )
-    if rule == "descent_end":
-        # Smith's rule for cyclical schedules: the max LR is where the loss stops falling (or a small factor below
-        # it). Read off the centred curve: the lagging average would put that point most of a decade too high.
-        losses = centred_average(result["raw_loss"], cfg.smooth).tolist()
-    lowest = int(np.argmin(losses))
-    if lowest <= lo:
-        raise PipelineError(
-            f"the loss was lowest at the low end of the LR range test (lr {lrs[lowest]:.3g}) and rose after: "
-            f"set a lower lr_find.start_lr (now {start_lr:g}) in params.yaml ({see})"
-        )
-    if lowest >= hi - 1 and not diverged:
-        raise PipelineError(
-            f"the loss was still falling at the end of the LR range test (lowest at lr {lrs[lowest]:.3g}): "
-            f"set a higher lr_find.end_lr (now {end_lr:g}) in params.yaml ({see})"
-        )
-    if rule == "minimum":
-        # fastai's "minimum": a tenth of the LR of the lowest loss, a step back from where training turns unstable.
-        if lrs[lowest] / 10 < start_lr:
-            raise PipelineError(
-                f"a tenth of the LR of the lowest loss ({lrs[lowest]:.3g}) is below the range test's start: set a "
-                f"lower lr_find.start_lr (now {start_lr:g}) in params.yaml ({see})"
-            )
-        return float(lrs[lowest]) / 10
-    if rule == "descent_end":
-        index = lowest
-    else:
-        # Only the descent counts: past the lowest loss, a dip in the noisy climb is no place to train at.
-        index = suggest_index(lrs, losses, rule, lo, min(hi, lowest + 1))
-    if index <= lo:
-        raise PipelineError(
-            f"the {rule} point of the LR range test is at the low end of the range (lr {lrs[index]:.3g}): the loss "
-            f"was already falling fast at the first LRs. Set a lower lr_find.start_lr (now {start_lr:g}) in "
-            f"params.yaml ({see})"
-        )
-    if index >= hi - 1 and not diverged:
-        raise PipelineError(
-            f"the {rule} point of the LR range test is at the high end of the range (lr {lrs[index]:.3g}): the loss "
-            f"was still falling at the last LRs. Set a higher lr_find.end_lr (now {end_lr:g}) in params.yaml ({see})"
-        )
-    if rule == "descent_end":
-        return float(lrs[index]) / cfg.divisor
-    return float(lrs[index])
+    return RULES[cfg.rule](Curve(lrs, losses, result["raw_loss"], lo, hi, diverged, cfg))
 
 
 def save_results(path: str | Path, result: dict[str, Any], suggested: float | None, rule: str, num_iter: int) -> None:

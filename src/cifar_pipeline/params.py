@@ -14,12 +14,20 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cifar_pipeline import paths
+from cifar_pipeline.choices import (
+    COMPILE_MODES,
+    Backend,
+    CompileMode,
+    Device,
+    Downsample,
+    LrRule,
+    ModelName,
+    Precision,
+)
 from cifar_pipeline.errors import PipelineError
 
-PARAMS_FILE = Path("params.yaml")
 # Keys that older params.yaml files may still hold, and what replaced them.
-# torch.compile's modes that train.compile takes (false: no compiling).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 RENAMED = {"train.amp": "train.precision (auto | fp32 | bf16 | fp16; amp: true is auto, amp: false is fp32)"}
 
 
@@ -63,22 +71,19 @@ class DataParams(_Section):
 
 
 class ModelParams(_Section):
-    name: str = "custom_resnet"
+    name: ModelName = "custom_resnet"
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    downsample: Literal["stride", "dilation"] = "stride"
+    downsample: Downsample = "stride"
 
-    @field_validator("name")
-    @classmethod
-    def _known_model(cls, value: str) -> str:
-        from cifar_pipeline.models import MODEL_NAMES
-
-        if value not in MODEL_NAMES:
-            raise ValueError(f"unknown model; known models: {', '.join(MODEL_NAMES)}")
-        return value
+    def kwargs(self) -> dict[str, Any]:
+        """The chosen model's constructor arguments (downsample is dilated_net's alone)."""
+        if self.name == "dilated_net":
+            return {"dropout": self.dropout, "downsample": self.downsample}
+        return {"dropout": self.dropout}
 
 
 class AugmentParams(_Section):
-    backend: Literal["auto", "albumentations", "gpu"] = "auto"
+    backend: Backend = "auto"
     hflip_p: float = Field(default=0.5, ge=0.0, le=1.0)
     shift_limit: float = Field(default=0.1, ge=0.0, le=0.5)
     scale_limit: float = Field(default=0.1, ge=0.0, lt=1.0)
@@ -94,7 +99,7 @@ class LrFindParams(_Section):
     num_iter: int = Field(default=200, ge=10)
     smooth: float = Field(default=0.05, gt=0.0, le=1.0)
     diverge_threshold: float = Field(default=5.0, gt=1.0)
-    rule: Literal["descent_end", "steepest", "valley", "minimum"] = "descent_end"
+    rule: LrRule = "descent_end"
     divisor: float = Field(default=1.0, ge=1.0)  # descent_end only: its LR is divided by this
 
     @model_validator(mode="after")
@@ -111,11 +116,11 @@ class TrainParams(_Section):
     peak_epoch: int = Field(default=5, ge=1)
     div_factor: float = Field(default=100.0, ge=1.0)
     weight_decay: float = Field(default=1e-4, ge=0.0)
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: Device = "auto"
+    precision: Precision = "auto"
     channels_last: bool = True
     deterministic: bool = False
-    compile: Literal[False, "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = False
+    compile: Literal[False] | CompileMode = False
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -221,7 +226,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> Params:
+def load_params(path: str | Path = paths.PARAMS) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found: run the stages from the project root, where params.yaml lives")

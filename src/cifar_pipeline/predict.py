@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from cifar_pipeline.checkpoint import Classifier
+from cifar_pipeline.classifier import Classifier
 from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.inference import batch_logits, flip_tta_logits, softmax
 

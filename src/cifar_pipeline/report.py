@@ -17,40 +17,36 @@ from typing import Any
 
 import numpy as np
 
+from cifar_pipeline import paths
 from cifar_pipeline.atomic import save_figure, write_json, write_text
 from cifar_pipeline.checkpoint import load_checkpoint, model_from_checkpoint
-from cifar_pipeline.dataset import CLASSES, load_test_split
-from cifar_pipeline.engine import pick_device
 from cifar_pipeline.errors import PipelineError, require_inputs
 from cifar_pipeline.inference import batch_logits, flip_tta_logits, softmax
+from cifar_pipeline.model_summary import model_summary_text
 from cifar_pipeline.params import Params
-from cifar_pipeline.plots import metrics_curves, misclassified_grid
-from cifar_pipeline.summary import model_summary_text
-
-DATA_DIR = Path("data/cifar10")
-MODEL = Path("models/model.pt")
-TRAIN_LOG = Path("reports/train")  # the train stage's DVCLive folder
-LR_FIND = Path("reports/lr_find.json")
-OUT = Path("reports")
+from cifar_pipeline.paths import DATA_DIR, LIVE_DIR, LR_FIND, META, MODEL, REPORTS
+from cifar_pipeline.report_figures import metrics_curves, misclassified_grid
+from cifar_pipeline.runtime import pick_device
+from cifar_pipeline.splits import load_test_split, read_classes
 
 # Every input and the stage that makes it: a fresh clone gets "run the 'train' stage first", not a traceback.
 INPUTS = {
-    str(DATA_DIR / "meta.json"): "download",
+    str(META): "download",
     str(MODEL): "train",
-    str(TRAIN_LOG / "metrics.json"): "train",
-    str(TRAIN_LOG / "plots/metrics/train/loss.tsv"): "train",
-    str(TRAIN_LOG / "plots/metrics/test/loss.tsv"): "train",
-    str(TRAIN_LOG / "plots/metrics/train/acc.tsv"): "train",
-    str(TRAIN_LOG / "plots/metrics/test/acc.tsv"): "train",
-    str(TRAIN_LOG / "plots/custom/lr_schedule.json"): "train",
+    str(LIVE_DIR / "metrics.json"): "train",
+    str(LIVE_DIR / "plots/metrics/train/loss.tsv"): "train",
+    str(LIVE_DIR / "plots/metrics/test/loss.tsv"): "train",
+    str(LIVE_DIR / "plots/metrics/train/acc.tsv"): "train",
+    str(LIVE_DIR / "plots/metrics/test/acc.tsv"): "train",
+    str(LIVE_DIR / "plots/custom/lr_schedule.json"): "train",
 }
 
 # Stage name -> the file whose `wall_time_s` says how long that stage took.
 STAGE_TIMES = {
-    "download": DATA_DIR / "meta.json",
-    "compute-mean-std": Path("data/stats.json"),
-    "lr-find": Path("reports/lr_find_time.json"),
-    "train": TRAIN_LOG / "metrics.json",
+    "download": paths.DOWNLOAD_TIME,
+    "compute-mean-std": paths.STATS_TIME,
+    "lr-find": paths.LR_FIND_TIME,
+    "train": paths.TRAIN_METRICS,
 }
 
 
@@ -127,7 +123,7 @@ def metric(metrics: dict, name: str) -> Any:
     return value
 
 
-def training_curves(log_dir: Path = TRAIN_LOG) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+def training_curves(log_dir: Path = LIVE_DIR) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """{'loss' | 'acc': {split: (epochs, values)}} for each split the train stage logged."""
     curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {"loss": {}, "acc": {}}
     for name, per_split in curves.items():
@@ -257,9 +253,10 @@ def run_report(params: Params) -> None:
     ckpt = load_checkpoint(MODEL)
     test_images, test_labels = load_test_split(DATA_DIR, params.data, params.seed)
     classes = list(ckpt["classes"])
-    if list(CLASSES) != classes:
+    if list(read_classes(DATA_DIR)) != classes:
         raise PipelineError(
-            f"{MODEL} was trained on classes {classes} but {DATA_DIR} has {list(CLASSES)}: rerun the train stage"
+            f"{MODEL} was trained on classes {classes} but {DATA_DIR} has {list(read_classes(DATA_DIR))}: "
+            "rerun the train stage"
         )
     model = model_from_checkpoint(ckpt)
     device = pick_device(params.train.device)
@@ -273,26 +270,26 @@ def run_report(params: Params) -> None:
     if params.report.tta:
         mirrored = batch_logits(model, images, ckpt["mean"], ckpt["std"], device, mirror=True)
         accuracy["test_acc_flip_tta"] = accuracy_percent(labels, flip_tta_logits(logits, mirrored))
-    write_text(OUT / "predictions.csv", predictions_csv(labels, preds, confidences, classes))
-    write_json(OUT / "per_class.json", accuracy)
+    write_text(REPORTS / "predictions.csv", predictions_csv(labels, preds, confidences, classes))
+    write_json(REPORTS / "per_class.json", accuracy)
 
     picked = pick_misclassified(labels, preds, confidences, params.report.misclassified)
     titles = [f"true: {classes[labels[i]]}\npred: {classes[preds[i]]} ({100 * confidences[i]:.0f}%)" for i in picked]
     wrong = int((preds != labels).sum())
-    save_figure(OUT / "misclassified.png", misclassified_grid(images[picked], titles, wrong, len(labels)), dpi=100)
+    save_figure(REPORTS / "misclassified.png", misclassified_grid(images[picked], titles, wrong, len(labels)), dpi=100)
 
-    train_metrics = read_json(TRAIN_LOG / "metrics.json")
-    schedule = lr_schedule(TRAIN_LOG, ckpt["epoch"])
-    figure = metrics_curves(training_curves(TRAIN_LOG), schedule, ckpt["max_lr"])
-    save_figure(OUT / "metrics_curves.png", figure, dpi=120)
+    train_metrics = read_json(LIVE_DIR / "metrics.json")
+    schedule = lr_schedule(LIVE_DIR, ckpt["epoch"])
+    figure = metrics_curves(training_curves(LIVE_DIR), schedule, ckpt["max_lr"])
+    save_figure(REPORTS / "metrics_curves.png", figure, dpi=120)
 
     model = model.cpu()
-    write_text(OUT / "model_summary.txt", model_summary_text(model))
+    write_text(REPORTS / "model_summary.txt", model_summary_text(model))
     num_params = sum(p.numel() for p in model.parameters())
     lr_find = read_json(LR_FIND) if LR_FIND.is_file() else None
     wall_times = stage_wall_times(time.perf_counter() - started)
     text = summary_markdown(ckpt, accuracy, train_metrics, lr_find, num_params, wall_times, str(device))
-    write_text(OUT / "summary.md", text)
+    write_text(REPORTS / "summary.md", text)
     tta = accuracy.get("test_acc_flip_tta")
     with_tta = f", {tta:.2f}% with flip TTA" if tta is not None else ""
-    print(f"test accuracy {accuracy['test_acc']:.2f}% ({wrong} mistakes){with_tta}; wrote {OUT}/summary.md")
+    print(f"test accuracy {accuracy['test_acc']:.2f}% ({wrong} mistakes){with_tta}; wrote {REPORTS}/summary.md")

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 
 from cifar_pipeline import atomic
-from cifar_pipeline.dataset import load_splits
 from cifar_pipeline.errors import PipelineError, require_inputs
+from cifar_pipeline.normalization import check_stats
 from cifar_pipeline.params import DataParams
-
-STATS_FILE = Path("data/stats.json")
+from cifar_pipeline.paths import STATS
+from cifar_pipeline.splits import load_splits
 
 
 def mean_std(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -42,34 +41,26 @@ def mean_std(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], 
     return tuple(mean), tuple(std)
 
 
-def compute_stats(data_dir: str | Path, data: DataParams, seed: int, path: str | Path = STATS_FILE) -> dict:
+def compute_stats(data_dir: str | Path, data: DataParams, seed: int, path: str | Path = STATS) -> dict:
     """Write `path` with the mean and std of the images the model trains on; return what was written.
 
     That is the train split after data.train_subset and the data.val_size hold-out: normalising with held-out
     pixels would leak them into training.
     """
-    start = time.perf_counter()
     images = load_splits(data_dir, data, seed).train_images
     mean, std = mean_std(images)
-    stats = {
-        "mean": list(mean),
-        "std": list(std),
-        "count": len(images),
-        "wall_time_s": round(time.perf_counter() - start, 3),
-    }
+    stats = {"mean": list(mean), "std": list(std), "count": len(images)}
     atomic.write_json(path, stats)
     return stats
 
 
-def load_stats(path: str | Path = STATS_FILE) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def load_stats(path: str | Path = STATS) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) as written by the compute-mean-std stage."""
     path = Path(path)
     require_inputs({str(path): "compute-mean-std"})
     try:
         stats = json.loads(path.read_text())
-        mean, std = tuple(float(x) for x in stats["mean"]), tuple(float(x) for x in stats["std"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PipelineError(f"{path} is not a valid stats file ({exc!r}): rerun the compute-mean-std stage") from None
-    if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
-        raise PipelineError(f"{path} must hold 3 means and 3 positive stds: rerun dvc repro -f compute-mean-std")
-    return mean, std
+        return check_stats(stats["mean"], stats["std"])
+    except (ValueError, KeyError, TypeError, PipelineError) as exc:
+        reason = exc if isinstance(exc, PipelineError) else repr(exc)
+        raise PipelineError(f"{path} is not a valid stats file ({reason}): rerun compute-mean-std") from None

@@ -1,60 +1,52 @@
-"""The train stage's run: One Cycle training with DVCLive logging, checkpoints, and resuming after a kill.
+"""The train stage: One Cycle training with DVCLive logging and checkpoints, resumable after a kill (resume.py).
 
 Outputs: models/model.pt (last epoch), models/best.pt (best test accuracy, or best validation accuracy when
-data.val_size > 0), and DVCLive's reports/train/{metrics.json, plots/metrics/**.tsv, plots/custom/lr_schedule.json}.
+data.val_size > 0), reports/train_samples.png, reports/augmentations.yaml, and DVCLive's reports/train/{metrics.json,
+plots/metrics/**.tsv, plots/custom/lr_schedule.json}.
 
-After a completed epoch the whole state of the run (weights, optimizer, scheduler, grad scaler, history, RNG
-states) goes atomically to .resume/train.pt with a fingerprint of the params, inputs and package source. A rerun
-with the same fingerprint continues after the last saved epoch and ends with the same weights and metrics as an
-uninterrupted run; with another fingerprint it starts afresh. The file is removed when the run finishes.
-
-The resume state and models/best.pt are written by a background thread (checkpoint_writer.py): the training
-thread copies the tensors into buffers reused every epoch and goes on; it waits only if the last epoch's files are
-still being written. A kill during a write leaves the previous files in place (each is renamed into place whole), so
-the rerun resumes from the epoch before, with the same result.
+The resume state and models/best.pt are written by a background thread (checkpoint_writer.py): the training thread
+copies the tensors into buffers reused every epoch and goes on; it waits only if the last epoch's files are still
+being written. A kill during a write leaves the previous files in place (each is renamed into place whole), so the
+rerun resumes from the epoch before, with the same result.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import random
 import shutil
 import time
-from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from dvclive import Live
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cifar_pipeline import paths
+from cifar_pipeline.augment import save_augmentation_record
 from cifar_pipeline.checkpoint import make_checkpoint, model_state, save_plain
 from cifar_pipeline.checkpoint_writer import CheckpointWriter
-from cifar_pipeline.data import set_epoch
 from cifar_pipeline.engine import (
-    FullBatches,
-    Runtime,
     compile_model,
     evaluate,
     make_optimizer,
     make_scaler,
     make_scheduler,
+    new_model,
     train_epoch,
 )
 from cifar_pipeline.errors import PipelineError, require_inputs
+from cifar_pipeline.loaders import make_eval_loader, prepare_training, resolve_backend, resolve_num_workers
 from cifar_pipeline.params import Params, TrainParams
-
-LIVE_DIR = Path("reports/train")
-MODEL_PATH = Path("models/model.pt")
-BEST_PATH = Path("models/best.pt")
-RESUME_PATH = Path(".resume/train.pt")
-LR_FIND_PATH = Path("reports/lr_find.json")
+from cifar_pipeline.plots import save_train_samples
+from cifar_pipeline.resume import fingerprint, load_resume_state, restore_rng_states, rng_states
+from cifar_pipeline.runtime import Runtime
+from cifar_pipeline.sampling import set_epoch
 
 
-def resolve_max_lr(setting: float | str, lr_find_path: str | Path = LR_FIND_PATH) -> tuple[float, str]:
+def resolve_max_lr(setting: float | str, lr_find_path: str | Path = paths.LR_FIND) -> tuple[float, str]:
     """(max LR, where it came from): `auto` reads the lr-find suggestion, a number is used as it is."""
     if setting != "auto":
         return float(setting), "params"
@@ -71,74 +63,207 @@ def resolve_max_lr(setting: float | str, lr_find_path: str | Path = LR_FIND_PATH
     return float(suggested), "lr-find"
 
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-def fingerprint(params: Params, max_lr: float, files: Iterable[str | Path], code_dir: str | Path = PACKAGE_DIR) -> str:
-    """A hash of everything the train stage's result depends on: a resume state is only valid under the same one.
-
-    data.num_workers is left out: the augmentations do not depend on it, so a resumed run may use other workers.
-    The package's source is in: DVC reruns the stage after a code change, and a run killed under the old code must
-    not be continued by the new one (the half-trained weights would pass for the new code's result).
-    """
-    digest = hashlib.sha256()
-    settings = params.model_dump(
-        include={"seed", "data", "model", "augment", "train"}, exclude={"data": {"num_workers"}}, mode="json"
-    )
-    digest.update(json.dumps({"params": settings, "max_lr": max_lr}, sort_keys=True).encode())
-    for path in files:
-        path = Path(path)
-        digest.update(str(path).encode())
-        digest.update(path.read_bytes() if path.is_file() else b"<missing>")
-    code_dir = Path(code_dir)
-    for path in sorted(code_dir.rglob("*.py")):  # by package-relative name, so a moved clone can still resume
-        digest.update(path.relative_to(code_dir).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def _rng_states() -> dict[str, Any]:
-    """Every RNG state, as tensors and plain Python values (loadable with weights_only=True)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    states: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-        "python": random.getstate(),
+def train(params: Params) -> dict[str, Any]:
+    """Everything the train stage does: its outputs on disk, and DVCLive's summary of the run returned."""
+    runtime, splits, mean, std, train_loader = prepare_training(params, full_batches=bool(params.train.compile))
+    max_lr, max_lr_source = resolve_max_lr(params.train.max_lr)
+    workers = resolve_num_workers(params.data.num_workers)
+    loading = {"batch_size": params.train.batch_size, "seed": params.seed, "num_workers": workers}
+    loading["device"] = runtime.device
+    eval_loaders = {
+        split: make_eval_loader(images, labels, mean, std, backend=params.augment.backend, **loading)
+        for split, images, labels in (
+            ("val", splits.val_images, splits.val_labels),
+            ("test", splits.test_images, splits.test_labels),
+        )
+        if len(labels)  # no val split unless data.val_size > 0
     }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+    save_train_samples(train_loader.dataset, splits.classes, paths.TRAIN_SAMPLES)
+    backend = resolve_backend(params.augment.backend, runtime.device)
+    save_augmentation_record(params.augment, backend, mean, std, paths.AUGMENTATIONS)
+    print(
+        f"training {params.model.name} on {len(splits.train_labels)} images for {params.train.epochs} epochs on "
+        f"{runtime.device} (max LR {max_lr:.4g} from {max_lr_source}, {backend} augment backend)",
+        flush=True,
+    )
+    inputs = [paths.STATS, paths.META] + ([paths.LR_FIND] if max_lr_source == "lr-find" else [])
+    return fit(
+        new_model(params.model, params.seed, runtime),
+        train_loader,
+        eval_loaders,
+        params.train,
+        runtime,
+        max_lr=max_lr,
+        max_lr_source=max_lr_source,
+        run_fingerprint=fingerprint(params, max_lr, inputs),
+        checkpoint_extra={
+            "model_name": params.model.name,
+            "model_kwargs": params.model.kwargs(),
+            "batch_size": params.train.batch_size,
+            "mean": list(mean),
+            "std": list(std),
+            "classes": list(splits.classes),
+        },
+    )
 
 
-def _restore_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    name, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+@dataclass
+class Progress:
+    """The epochs a run has completed: what the resume state carries besides the tensors."""
+
+    best_split: str  # "val" when there is a validation split, else "test"
+    history: list[dict[str, float]] = field(default_factory=list)  # one record per epoch
+    lr_history: list[float] = field(default_factory=list)  # the LR of every optimizer step
+    best: dict[str, Any] = field(default_factory=dict)  # split, acc and epoch of the best epoch so far
+    elapsed_s: float = 0.0  # wall time before a resume
+
+    def __post_init__(self) -> None:
+        self.best = self.best or {"split": self.best_split, "acc": -1.0, "epoch": 0}
+
+    @property
+    def epoch(self) -> int:
+        return len(self.history)
+
+    def add(self, record: dict[str, float], lrs: list[float]) -> bool:
+        """Record a finished epoch; whether it is the best so far."""
+        self.history.append(record)
+        self.lr_history.extend(lrs)
+        improved = record[f"{self.best_split}/acc"] > self.best["acc"]
+        if improved:
+            self.best = {"split": self.best_split, "acc": record[f"{self.best_split}/acc"], "epoch": record["epoch"]}
+        return improved
 
 
-def load_resume_state(path: str | Path, expected_fingerprint: str, best_path: str | Path) -> dict[str, Any] | None:
-    """The saved state of an interrupted run, or None when there is none or it cannot be continued: made with
-    other inputs, or its models/best.pt is gone (dvc.yaml must declare it `persist: true`, or `dvc repro` deletes
-    it before the rerun, and a best epoch from before the kill would never be written again)."""
-    path = Path(path)
-    if not path.is_file():
-        return None
+def fit(
+    model: nn.Module,
+    train_loader: DataLoader,
+    eval_loaders: dict[str, DataLoader],
+    train: TrainParams,
+    runtime: Runtime,
+    *,
+    max_lr: float,
+    max_lr_source: str,
+    run_fingerprint: str,
+    checkpoint_extra: dict[str, Any],
+    root: Path = Path("."),
+) -> dict[str, Any]:
+    """Train `model` (already on the runtime's device) for train.epochs epochs; return the DVCLive summary.
+
+    `eval_loaders` holds "test" and, when there is a validation split, "val": the best checkpoint follows "val"
+    if present, so the test set never picks a model. `checkpoint_extra` (model_name, model_kwargs, classes, mean,
+    std, ...) goes into both checkpoints as it is. The outputs go to their paths.py places under `root`.
+    """
+    started = time.perf_counter()
+    if len(train_loader) == 0:
+        raise PipelineError(
+            f"the {len(train_loader.dataset)} training images make no batch to train on: with train.compile every "
+            f"batch must be full (train.batch_size {train.batch_size}); lower train.batch_size or set "
+            "train.compile: false"
+        )
+    step_model = compile_model(model, train.compile) if train.compile else model
+    optimizer = make_optimizer(model, max_lr / train.div_factor, train.weight_decay, runtime)
+    scheduler = make_scheduler(optimizer, max_lr, train.epochs, len(train_loader), train.peak_epoch, train.div_factor)
+    scaler = make_scaler(runtime)
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    progress = Progress("val" if "val" in eval_loaders else "test")
+
+    # The weights' names and shapes join the fingerprint: a state saved by an edited model is not loadable.
+    shapes = [(name, tuple(value.shape)) for name, value in model.state_dict().items()]
+    run_fingerprint = hashlib.sha256(f"{run_fingerprint}{shapes}".encode()).hexdigest()
+    state = load_resume_state(root / paths.RESUME, run_fingerprint, root / paths.BEST)
+    if state is not None:
+        for name, part in parts.items():
+            part.load_state_dict(state[name])
+        progress = Progress(progress.best_split, state["history"], state["lr_history"], state["best"])
+        progress.elapsed_s = state["wall_time_s"]
+        print(f"resuming after epoch {state['epoch']} of {train.epochs} from {root / paths.RESUME}")
+    live = _open_live(root / paths.LIVE_DIR, max_lr, max_lr_source, progress)
+    if state is not None:
+        restore_rng_states(state["rng"])  # last: building the model and loaders drew from the RNGs
+
+    def checkpoint(tensors: dict[str, Any], record: dict[str, float], loss: float) -> dict[str, Any]:
+        """A model file: the weights and the optimizer's state, with what the epoch measured."""
+        extra = dict(checkpoint_extra)
+        measured = {f"{s}_acc": record[f"{s}/acc"] for s in ("train", "test", "val") if f"{s}/acc" in record}
+        return make_checkpoint(
+            tensors["model"],
+            extra.pop("model_name"),
+            extra.pop("model_kwargs"),
+            epoch=int(record["epoch"]),
+            optimizer=tensors["optimizer"],
+            scheduler=tensors["scheduler"],
+            loss=loss,
+            max_lr=max_lr,
+            max_lr_source=max_lr_source,
+            **measured,
+            device=str(runtime.device),
+            **extra,
+        )
+
+    def tensors() -> dict[str, Any]:
+        return {"model": model_state(model), **{name: parts[name].state_dict() for name in parts if name != "model"}}
+
+    writer = CheckpointWriter()
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        stale = state.get("fingerprint") != expected_fingerprint
-        reason = "it was made with other params, inputs or code" if stale else ""
-    except Exception as exc:  # written atomically, so only a foreign or damaged file gets here
-        reason = f"not a readable resume state ({exc})"
-    if not reason and not Path(best_path).is_file():
-        reason = f"{best_path} of the interrupted run is gone"
-    if reason:
-        print(f"ignoring {path}: {reason}; starting afresh")
-        path.unlink()
-        return None
-    return state
+        for epoch in range(progress.epoch + 1, train.epochs + 1):
+            record, lrs, loss = _one_epoch(epoch, step_model, model, train_loader, eval_loaders, parts, runtime)
+            improved = progress.add(record, lrs)
+            _log_epoch(live, record, progress.best)
+            _log_lr_schedule(live, progress.lr_history)
+            print(_epoch_line(record, train.epochs), flush=True)
+
+            wall_time_s = progress.elapsed_s + time.perf_counter() - started
+            if epoch < train.epochs:
+                snapshot = writer.snapshot(tensors())
+                resume_state = {
+                    "fingerprint": run_fingerprint,
+                    "epoch": epoch,
+                    **snapshot,
+                    "history": list(progress.history),
+                    "lr_history": list(progress.lr_history),
+                    "best": progress.best,
+                    "wall_time_s": wall_time_s,
+                    "rng": rng_states(),
+                }
+                # best.pt first: a resume state on disk never names a best epoch that best.pt does not hold yet.
+                best_file = [(root / paths.BEST, checkpoint(snapshot, record, loss))] if improved else []
+                writer.write([*best_file, (root / paths.RESUME, resume_state)])
+            else:
+                writer.wait()
+                final = tensors()
+                if improved:
+                    save_plain(root / paths.BEST, checkpoint(final, record, loss))
+                save_plain(root / paths.MODEL, checkpoint(final, record, loss))
+                live.log_metric("wall_time_s", round(wall_time_s, 3), plot=False)
+    finally:
+        writer.close()  # on an error too: the files already handed over are written
+    live.end()
+    (root / paths.RESUME).unlink(missing_ok=True)
+    return live.summary
+
+
+def _one_epoch(
+    epoch: int,
+    step_model: nn.Module,
+    model: nn.Module,
+    train_loader: DataLoader,
+    eval_loaders: dict[str, DataLoader],
+    parts: dict[str, Any],
+    runtime: Runtime,
+) -> tuple[dict[str, float], list[float], float]:
+    """Train one epoch (through `step_model`, compiled or not) and evaluate `model` on every eval split.
+    Returns the epoch's record, the LR of each of its steps, and its mean training loss."""
+    start = time.perf_counter()
+    set_epoch(train_loader, epoch - 1)
+    optimizer, scheduler, scaler = parts["optimizer"], parts["scheduler"], parts["scaler"]
+    stats = train_epoch(step_model, train_loader, optimizer, scheduler, scaler, runtime, desc=f"epoch {epoch}")
+    record: dict[str, float] = {"epoch": epoch, "train/loss": stats.loss, "train/acc": stats.acc}
+    for split, loader in eval_loaders.items():
+        record[f"{split}/loss"], record[f"{split}/acc"] = evaluate(model, loader, runtime)
+    record["lr"] = stats.lrs[-1]  # the LR of the epoch's last step: max_lr at the end of train.peak_epoch
+    record["epoch_time_s"] = round(time.perf_counter() - start, 3)  # training and evaluation
+    record["images_per_s"] = round(stats.images_per_s, 1)
+    return record, stats.lrs, stats.loss
 
 
 def _log_epoch(live: Live, record: dict[str, float], best: dict[str, Any]) -> None:
@@ -166,18 +291,21 @@ def _log_lr_schedule(live: Live, lrs: list[float]) -> None:
     )
 
 
-def _open_live(live_dir: str | Path, max_lr: float, max_lr_source: str, history: list[dict], best: dict) -> Live:
-    """A fresh DVCLive run holding `history` (the epochs before a resume), written as an uninterrupted run would.
+def _open_live(live_dir: Path, max_lr: float, max_lr_source: str, progress: Progress) -> Live:
+    """A fresh DVCLive run holding the epochs before a resume, written as an uninterrupted run would.
 
     Not Live(resume=True): that keeps whatever the killed run wrote after its last saved epoch, so an epoch logged
     but not yet saved would appear twice. Logging the saved history again makes the same files in every case.
+    dvcyaml=None: DVCLive would otherwise rewrite the project's dvc.yaml.
     """
     shutil.rmtree(live_dir, ignore_errors=True)
     live = Live(dir=str(live_dir), resume=False, report=None, save_dvc_exp=False, dvcyaml=None)
     live.log_metric("max_lr", max_lr, plot=False)
     live.log_metric("max_lr_source", max_lr_source, plot=False)
-    for record in history:
-        _log_epoch(live, record, best)  # only the last best stays in the summary: the saved one
+    for record in progress.history:
+        _log_epoch(live, record, progress.best)  # only the last best stays in the summary: the saved one
+    if progress.lr_history:
+        _log_lr_schedule(live, progress.lr_history)
     return live
 
 
@@ -191,146 +319,3 @@ def _epoch_line(record: dict[str, float], epochs: int) -> str:
         f"epoch {record['epoch']}/{epochs}  {splits}  lr {record['lr']:.4g}  "
         f"{record['epoch_time_s']:.1f} s  {record['images_per_s']:.0f} img/s"
     )
-
-
-def fit(
-    model: nn.Module,
-    model_name: str,
-    model_kwargs: dict[str, Any],
-    train_loader: DataLoader,
-    eval_loaders: dict[str, DataLoader],
-    train: TrainParams,
-    runtime: Runtime,
-    *,
-    max_lr: float,
-    max_lr_source: str,
-    run_fingerprint: str,
-    checkpoint_extra: dict[str, Any],
-    live_dir: str | Path = LIVE_DIR,
-    model_path: str | Path = MODEL_PATH,
-    best_path: str | Path = BEST_PATH,
-    resume_path: str | Path = RESUME_PATH,
-) -> dict[str, Any]:
-    """Train `model` (already on the runtime's device) for train.epochs epochs; return the DVCLive summary.
-
-    `eval_loaders` holds "test" and, when there is a validation split, "val": the best checkpoint follows "val"
-    if present, so the test set never picks a model. `checkpoint_extra` (batch_size, mean, std, classes, ...) goes
-    into both checkpoints as it is.
-    """
-    started = time.perf_counter()
-    step_model, train_batches = model, train_loader
-    if train.compile:
-        train_batches = FullBatches(train_loader)
-        if len(train_batches) == 0:
-            raise PipelineError(
-                f"train.compile trains on full batches only, and the {len(train_loader.dataset)} training images "
-                f"make no full batch of train.batch_size {train.batch_size}: lower train.batch_size or set "
-                "train.compile: false"
-            )
-        step_model = compile_model(model, train.compile)
-    optimizer = make_optimizer(model, max_lr / train.div_factor, train.weight_decay, runtime)
-    # One Cycle's length in steps: with train.compile, the full batches an epoch.
-    scheduler = make_scheduler(optimizer, max_lr, train.epochs, len(train_batches), train.peak_epoch, train.div_factor)
-    scaler = make_scaler(runtime)
-    best_split = "val" if "val" in eval_loaders else "test"
-    history: list[dict[str, float]] = []
-    lr_history: list[float] = []
-    best: dict[str, Any] = {"split": best_split, "acc": -1.0, "epoch": 0}
-    elapsed_before = 0.0
-    first_epoch = 1
-
-    # The weights' names and shapes join the fingerprint: a state saved by an edited model is not loadable.
-    shapes = [(name, tuple(value.shape)) for name, value in model.state_dict().items()]
-    run_fingerprint = hashlib.sha256(f"{run_fingerprint}{shapes}".encode()).hexdigest()
-    state = load_resume_state(resume_path, run_fingerprint, best_path)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        history, lr_history, best = state["history"], state["lr_history"], state["best"]
-        elapsed_before = state["wall_time_s"]
-        first_epoch = state["epoch"] + 1
-        print(f"resuming after epoch {state['epoch']} of {train.epochs} from {resume_path}")
-    live = _open_live(live_dir, max_lr, max_lr_source, history, best)
-    if lr_history:
-        _log_lr_schedule(live, lr_history)
-    if state is not None:
-        _restore_rng_states(state["rng"])  # last: building the model and loaders drew from the RNGs
-
-    def checkpoint(state: dict[str, Any], record: dict[str, float], loss: float) -> dict[str, Any]:
-        return make_checkpoint(
-            state["model"],
-            model_name,
-            model_kwargs,
-            epoch=int(record["epoch"]),
-            optimizer=state["optimizer"],
-            scheduler=state["scheduler"],
-            loss=loss,
-            max_lr=max_lr,
-            max_lr_source=max_lr_source,
-            train_acc=record["train/acc"],
-            test_acc=record["test/acc"],
-            **({"val_acc": record["val/acc"]} if "val/acc" in record else {}),
-            device=str(runtime.device),
-            **checkpoint_extra,
-        )
-
-    def training_state() -> dict[str, Any]:
-        return {
-            "model": model_state(model),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-        }
-
-    writer = CheckpointWriter()
-    try:
-        for epoch in range(first_epoch, train.epochs + 1):
-            epoch_start = time.perf_counter()
-            set_epoch(train_loader, epoch - 1)
-            stats = train_epoch(step_model, train_batches, optimizer, scheduler, scaler, runtime, desc=f"epoch {epoch}")
-            record: dict[str, float] = {"epoch": epoch, "train/loss": stats.loss, "train/acc": stats.acc}
-            for split, loader in eval_loaders.items():
-                record[f"{split}/loss"], record[f"{split}/acc"] = evaluate(model, loader, runtime)
-            record["lr"] = stats.lrs[-1]  # the LR of the epoch's last step: max_lr at the end of train.peak_epoch
-            record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 3)  # training and evaluation
-            record["images_per_s"] = round(stats.images_per_s, 1)
-            history.append(record)
-            lr_history.extend(stats.lrs)
-
-            improved = record[f"{best_split}/acc"] > best["acc"]
-            if improved:
-                best = {"split": best_split, "acc": record[f"{best_split}/acc"], "epoch": epoch}
-            _log_epoch(live, record, best)
-            _log_lr_schedule(live, lr_history)
-            print(_epoch_line(record, train.epochs), flush=True)
-
-            wall_time_s = elapsed_before + time.perf_counter() - started
-            if epoch < train.epochs:
-                state = writer.snapshot(training_state())
-                resume_state = {
-                    "fingerprint": run_fingerprint,
-                    "epoch": epoch,
-                    **state,
-                    "history": list(history),
-                    "lr_history": list(lr_history),
-                    "best": best,
-                    "wall_time_s": wall_time_s,
-                    "rng": _rng_states(),
-                }
-                # best.pt first: a resume state on disk never names a best epoch that best.pt does not hold yet.
-                best_file = [(best_path, checkpoint(state, record, stats.loss))] if improved else []
-                writer.write([*best_file, (resume_path, resume_state)])
-            else:
-                writer.wait()
-                state = training_state()
-                if improved:
-                    save_plain(best_path, checkpoint(state, record, stats.loss))
-                save_plain(model_path, checkpoint(state, record, stats.loss))
-                live.log_metric("wall_time_s", round(wall_time_s, 3), plot=False)
-    finally:
-        writer.close()  # on an error too: the files already handed over are written
-    live.end()
-    Path(resume_path).unlink(missing_ok=True)
-    return live.summary

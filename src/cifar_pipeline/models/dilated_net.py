@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-DOWNSAMPLE_MODES = ("stride", "dilation")
+from cifar_pipeline.choices import DOWNSAMPLE_MODES
 
 
 def conv_bn(

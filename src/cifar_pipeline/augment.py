@@ -1,11 +1,14 @@
-"""The Albumentations training pipeline, and its serialised form for reports/augmentations.yaml.
+"""The training augmentations: the Albumentations pipeline (the spec, and the CPU backend), and the record of what
+ran in reports/augmentations.yaml.
 
 Images go in and come out as uint8 HWC RGB arrays; the loaders normalise whole batches on the training device
-(normalization.py). Evaluation images are not transformed at all.
+(normalization.py). Evaluation images are not transformed at all. batched_augment.py implements the same
+transforms on whole batches for the gpu backend, equal in distribution.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 # Albumentations checks PyPI for a newer version on import unless told not to; stages run offline.
@@ -16,9 +19,10 @@ from pathlib import Path
 
 import albumentations as A
 import cv2
+import yaml
 
-from cifar_pipeline.atomic import atomic_path
-from cifar_pipeline.normalization import mean_pixel
+from cifar_pipeline.atomic import write_text
+from cifar_pipeline.normalization import check_stats, mean_pixel
 from cifar_pipeline.params import AugmentParams
 
 
@@ -55,7 +59,22 @@ def train_transforms(augment: AugmentParams, mean: Sequence[float]) -> A.Compose
     )
 
 
-def save_augmentations(compose: A.Compose, path: str | Path) -> None:
-    """Write Albumentations' own YAML serialisation, which `A.load(path, data_format="yaml")` reads back."""
-    with atomic_path(path) as tmp:
-        A.save(compose, str(tmp), data_format="yaml")
+def save_augmentation_record(
+    augment: AugmentParams, backend: str, mean: Sequence[float], std: Sequence[float], path: str | Path
+) -> None:
+    """reports/augmentations.yaml: the backend that ran, the transforms (Albumentations' own serialisation of the
+    pipeline, which both backends implement), and the normalisation that follows them on the training device, as
+    the usual pipeline's closing Normalize would do it (max_pixel_value 255: (pixel / 255 - mean) / std)."""
+    mean, std = check_stats(mean, std)
+    implementation = {
+        "albumentations": "Albumentations, image by image in loader worker processes (loaders.py)",
+        "gpu": "batched_augment.py, whole batches on the training device; equal in distribution to the transforms",
+    }[backend]
+    record = {
+        "backend": backend,
+        "implementation": implementation,
+        # Through JSON: Albumentations' dict holds tuples, which YAML's safe dumper does not take.
+        "transforms": json.loads(json.dumps(A.to_dict(train_transforms(augment, mean)))),
+        "normalize": {"mean": list(mean), "std": list(std), "max_pixel_value": 255.0, "where": "training device"},
+    }
+    write_text(path, yaml.safe_dump(record, sort_keys=False))

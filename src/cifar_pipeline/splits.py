@@ -12,9 +12,13 @@ import numpy as np
 from cifar_pipeline.errors import PipelineError, require_inputs
 from cifar_pipeline.params import DataParams
 
-# The official label order: label i is CLASSES[i].
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-DATA_DIR = Path("data/cifar10")
+
+def check_images(images: np.ndarray, labels: np.ndarray) -> None:
+    """What every loader takes: uint8 (N, H, W, 3) RGB images and one label each."""
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise PipelineError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    if labels.shape != (len(images),):
+        raise PipelineError(f"labels must have shape ({len(images)},), got {labels.shape}")
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,7 @@ class Splits:
     val_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
-    classes: tuple[str, ...] = CLASSES
+    classes: tuple[str, ...]  # label i is classes[i], as the download stage wrote them in meta.json
 
 
 def _require(data_dir: Path, name: str) -> Path:
@@ -47,12 +51,16 @@ def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray
     return images, labels.astype(np.int64, copy=False)
 
 
-def read_meta(data_dir: str | Path) -> dict:
+def read_classes(data_dir: str | Path) -> tuple[str, ...]:
+    """The class names, in label order, from the download stage's meta.json."""
     path = _require(Path(data_dir), "meta.json")
     try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise PipelineError(f"{path} is not valid JSON ({exc}): rerun the download stage") from None
+        classes = json.loads(path.read_text())["classes"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PipelineError(f"{path} holds no list of classes ({exc!r}): rerun the download stage") from None
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise PipelineError(f"{path}: classes must be a list of at least 2 names, got {classes!r}")
+    return tuple(classes)
 
 
 def balanced_subset(labels: np.ndarray, size: int, seed: int | Sequence[int]) -> np.ndarray:
@@ -110,4 +118,5 @@ def load_splits(data_dir: str | Path, data: DataParams, seed: int) -> Splits:
         train_images, train_labels = train_images[~val], train_labels[~val]
     else:  # no hold-out: no copy of the train arrays either
         val_images, val_labels = train_images[:0], train_labels[:0]
-    return Splits(train_images, train_labels, val_images, val_labels, test_images, test_labels)
+    classes = read_classes(data_dir)
+    return Splits(train_images, train_labels, val_images, val_labels, test_images, test_labels, classes)

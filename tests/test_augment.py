@@ -1,16 +1,18 @@
 """The augmentation pipeline: order and arguments from params, the exact hole, uint8 in and out, YAML round trip."""
 
+import json
 import random
 
 import albumentations as A
 import numpy as np
 import pytest
+import yaml
+from conftest import MEAN, STD, random_images
 
+from cifar_pipeline.augment import save_augmentation_record, train_transforms
 from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.params import AugmentParams
-from cifar_pipeline.transforms import save_augmentations, train_transforms
 
-MEAN = (0.49, 0.48, 0.45)
 ONLY_DROPOUT = AugmentParams(hflip_p=0.0, shift_scale_rotate_p=0.0, coarse_dropout_p=1.0)
 
 
@@ -18,10 +20,6 @@ def _seeded(compose: A.Compose, seed: int) -> A.Compose:
     rng = np.random.default_rng(seed)
     compose.set_random_state(rng, random.Random(seed))
     return compose
-
-
-def _images(n: int = 8, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
 
 
 def test_train_pipeline_has_the_specified_order_and_arguments():
@@ -49,7 +47,7 @@ def test_train_pipeline_has_the_specified_order_and_arguments():
 
 def test_images_stay_uint8_hwc():
     compose = train_transforms(AugmentParams(shift_scale_rotate_p=1.0, coarse_dropout_p=1.0), MEAN)
-    out = _seeded(compose, 0)(image=_images(1)[0])["image"]
+    out = _seeded(compose, 0)(image=random_images(1)[0])["image"]
     assert out.dtype == np.uint8 and out.shape == (32, 32, 3)
 
 
@@ -68,23 +66,34 @@ def test_hole_is_one_exact_square_filled_with_the_mean(hole_size):
             assert (out[..., channel][~filled] == 7).all()
 
 
-def test_saved_yaml_reloads_to_a_pipeline_with_identical_outputs(tmp_path):
-    compose = train_transforms(AugmentParams(coarse_dropout_p=0.9, shift_scale_rotate_p=0.9), MEAN)
+@pytest.mark.parametrize("backend", ["albumentations", "gpu"])
+def test_the_record_says_what_ran_and_reloads_to_a_pipeline_with_identical_outputs(tmp_path, backend):
+    augment = AugmentParams(coarse_dropout_p=0.9, shift_scale_rotate_p=0.9)
+    compose = train_transforms(augment, MEAN)
     path = tmp_path / "reports" / "augmentations.yaml"
-    save_augmentations(compose, path)
+    save_augmentation_record(augment, backend, MEAN, STD, path)
 
-    assert path.read_text().startswith("__version__")
     assert [p.name for p in path.parent.iterdir()] == ["augmentations.yaml"]  # no temporary left behind
-    loaded = A.load(str(path), data_format="yaml")
-    assert A.to_dict(loaded) == A.to_dict(compose)
-    for seed, image in enumerate(_images()):
+    record = yaml.safe_load(path.read_text())
+    assert record["backend"] == backend
+    assert ("batched_augment.py" in record["implementation"]) == (backend == "gpu")
+    # The seed's pipeline ends with Normalize: here it runs on the device, and the record shows it with its numbers.
+    assert record["normalize"] == {
+        "mean": list(MEAN),
+        "std": list(STD),
+        "max_pixel_value": 255.0,
+        "where": "training device",
+    }
+    assert record["transforms"] == json.loads(json.dumps(A.to_dict(compose)))
+    loaded = A.from_dict(record["transforms"])
+    for seed, image in enumerate(random_images()):
         expected = _seeded(compose, seed)(image=image)["image"]
         assert np.array_equal(_seeded(loaded, seed)(image=image)["image"], expected)
 
 
 def test_augmentation_is_random_but_seedable():
     compose = train_transforms(AugmentParams(shift_scale_rotate_p=1.0), MEAN)
-    image = _images(1)[0]
+    image = random_images(1)[0]
     first = _seeded(compose, 3)(image=image)["image"]
     assert np.array_equal(_seeded(compose, 3)(image=image)["image"], first)
     assert not np.array_equal(_seeded(compose, 4)(image=image)["image"], first)

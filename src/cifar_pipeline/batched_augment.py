@@ -1,17 +1,18 @@
 """The training augmentations on whole batches on the training device, and a loader over a split held there.
 
-`augment.backend: gpu` selects this path. The Albumentations loader tops out around 4-5k images/s per CPU core,
-which cannot feed a fast GPU; here the uint8 split lives on the device (CIFAR-10's train split is 150 MB) and each
-batch is gathered by index, then flipped, warped, cut out and normalised (normalization.py) there: no DataLoader, no
-workers.
+`augment.backend: gpu` selects this path (on any device: the CPU runs it too, as the tests do). The Albumentations
+loader tops out around 4-5k images/s per CPU core, which cannot feed a fast GPU; here the uint8 split lives on the
+device (CIFAR-10's train split is 150 MB) and each batch is gathered by index, then flipped, warped, cut out and
+normalised (normalization.py) there: no DataLoader, no workers.
 
-The transforms and their parameters are those of transforms.train_transforms: HorizontalFlip, Affine (integer
+The transforms and their parameters are those of augment.train_transforms: HorizontalFlip, Affine (integer
 translation truncated like Albumentations', independent x and y scales, rotation about the centre, bilinear,
 reflect-101 border, output rounded like cv2's uint8 warp), and one CoarseDropout hole filled with the rounded mean
-pixel. Sample i's parameters in epoch e depend on (seed, e, i) and the split's size only: a whole epoch's
-are drawn at once on the CPU, indexed by sample, and copied to the device once. So they depend neither on the batch
-size nor on the device, and nothing syncs the host with the device per batch. The shuffle order is data.py's
-EpochSampler's, so both backends see the same batches of images, each with its own (backend-specific) augmentation.
+pixel. The two implementations are equal in distribution, not image for image: each draws its parameters its own
+way. Sample i's parameters in epoch e depend on (seed, e, i) and the split's size only: a whole epoch's are drawn at
+once on the CPU, indexed by sample, and copied to the device once. So they depend neither on the batch size nor on
+the device, and nothing syncs the host with the device per batch. The shuffle order is sampling.py's, so both
+backends see the same batches of images.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler
 
-from cifar_pipeline.data import AUGMENT_STREAM, EpochSampler
-from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.normalization import mean_pixel, normalizer
 from cifar_pipeline.params import AugmentParams
+from cifar_pipeline.sampling import AUGMENT_STREAM, batch_sampler
+from cifar_pipeline.splits import check_images
 
 
 class Draw(NamedTuple):
@@ -133,13 +133,10 @@ class DeviceDataset:
         device: torch.device | str,
         augment: AugmentParams | None = None,
     ) -> None:
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise PipelineError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
-        if labels.shape != (len(images),):
-            raise PipelineError(f"labels must have shape ({len(images)},), got {labels.shape}")
+        check_images(images, labels)
         self.device = torch.device(device)
         self.normalize = normalizer(mean, std, self.device)
-        self.fill = torch.tensor(mean_pixel(mean), dtype=torch.float32, device=self.device)  # as transforms.py's
+        self.fill = torch.tensor(mean_pixel(mean), dtype=torch.float32, device=self.device)  # as augment.py's
         self.images = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).contiguous()
         self.labels = torch.from_numpy(labels).to(self.device, torch.int64)
         self.augment = augment
@@ -176,20 +173,15 @@ class DeviceDataset:
 
 
 class DeviceLoader:
-    """Batches of a DeviceDataset in the order of data.py's EpochSampler: a drop-in for the Albumentations loader
-    (loaders.DeviceBatches: len, iteration, `.dataset`, `.batch_sampler.sampler.set_epoch` for data.set_epoch)."""
+    """Batches of a DeviceDataset in sampling.py's order: a drop-in for the Albumentations loader
+    (loaders.DeviceBatches: len, iteration, `.dataset`, `.batch_sampler.sampler.set_epoch` for sampling.set_epoch)."""
 
     def __init__(
-        self, dataset: DeviceDataset, batch_size: int, train: bool, seed: int, drop_last: bool = False
+        self, dataset: DeviceDataset, batch_size: int, train: bool, seed: int, full_batches: bool = False
     ) -> None:
-        # make_loader's rule: drop a lone last training sample (batch norm statistics of one image are noise).
-        drop_last = drop_last or (train and len(dataset) % batch_size == 1 and len(dataset) > 1)
         self.dataset = dataset
         self.batch_size = batch_size
-        self.batch_sampler = BatchSampler(EpochSampler(len(dataset), seed, shuffle=train), batch_size, drop_last)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.batch_sampler.sampler.set_epoch(epoch)
+        self.batch_sampler = batch_sampler(len(dataset), seed, batch_size, train, full_batches)
 
     def __len__(self) -> int:
         return len(self.batch_sampler)

@@ -1,0 +1,25 @@
+"""The allowed values of every choice in params.yaml (and of the commands' options), written once.
+
+params.py validates against these types, and the code that acts on a choice reads the same names from here, so a
+value cannot be allowed in one place and unknown in another. No imports from the package: anything may use it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+ModelName = Literal["custom_resnet", "dilated_net"]
+Downsample = Literal["stride", "dilation"]  # dilated_net: how C1-C3 end (a strided conv, or a dilated one)
+Backend = Literal["auto", "albumentations", "gpu"]  # augment.backend
+LrRule = Literal["descent_end", "steepest", "valley", "minimum"]  # lr_find.rule
+Device = Literal["auto", "cpu", "cuda", "mps"]  # train.device, cifar-predict --device
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # train.precision
+CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]  # or false
+
+MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
+DOWNSAMPLE_MODES: tuple[str, ...] = get_args(Downsample)
+BACKENDS: tuple[str, ...] = get_args(Backend)
+LR_RULES: tuple[str, ...] = get_args(LrRule)
+DEVICES: tuple[str, ...] = get_args(Device)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)

@@ -1,0 +1,58 @@
+"""The report stage's figures: the training curves and the most confident mistakes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from cifar_pipeline.plots import image_grid, plt
+
+
+def metrics_curves(
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], schedule: tuple[np.ndarray, np.ndarray], max_lr: float
+) -> Figure:
+    """Loss and accuracy per epoch for each split, and the learning rate per optimizer step, side by side.
+
+    `curves` is {"loss" | "acc": {split: (epochs, values)}}; `schedule` is (position in epochs, lr) per step.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), layout="constrained")
+    styles = {"train": "-o", "val": "-^", "test": "-s"}
+    for ax, name, title, ylabel in (
+        (axes[0], "loss", "Loss", "cross-entropy loss"),
+        (axes[1], "acc", "Accuracy", "accuracy (%)"),
+    ):
+        for split, (epochs, values) in curves[name].items():
+            ax.plot(epochs, values, styles.get(split, "-"), markersize=3, label=split)
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    positions, lrs = schedule
+    axes[2].plot(positions, lrs, color="tab:purple", label="learning rate")
+    axes[2].axhline(max_lr, color="gray", linestyle=":", label=f"max LR {max_lr:.3g}")
+    axes[2].set(title="Learning rate (One Cycle, per step)", xlabel="epoch", ylabel="learning rate")
+    axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    axes[2].grid(alpha=0.3)
+    axes[2].legend()
+    return fig
+
+
+def misclassified_grid(images: np.ndarray, titles: Sequence[str], mistakes: int, total: int) -> Figure:
+    """The chosen mistakes (uint8 NHWC, most confident first), each titled with its true and predicted class."""
+    if not len(images):
+        title = f"No mistakes on the {total:,} test images"
+    else:
+        which = f"All {mistakes:,}" if len(images) == mistakes else f"The {len(images)} most confident of {mistakes:,}"
+        title = f"{which} mistakes on {total:,} test images\ntrue class / predicted class (softmax probability)"
+    ncols = min(5, max(1, len(images)))
+    fig = image_grid(images, titles, ncols=ncols, title=title)
+    # Two-line titles with long class names need more room per image than the grid's default size leaves.
+    nrows = max(1, math.ceil(len(images) / ncols))
+    fig.set_size_inches(max(2.0 * ncols, 6.0), fig.get_figheight() + 0.3 * nrows + 0.3)  # 6: room for the title
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,112 @@
+"""Where and how a model runs, chosen once from the `train` params: the device, the autocast precision, the memory
+format; and the seeding of every random generator a run touches.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cifar_pipeline.choices import DEVICES
+from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.params import TrainParams
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the model runs, chosen once from the `train` params."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None  # None: plain fp32
+    channels_last: bool = False
+
+    def autocast(self) -> AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        non_blocking = self.device.type == "cuda"  # overlaps the copy with compute when the loader pins memory
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        images = images.to(self.device, non_blocking=non_blocking, memory_format=memory_format)
+        return images, labels.to(self.device, non_blocking=non_blocking)
+
+
+def pick_device(setting: str, key: str = "train.device") -> torch.device:
+    """`auto`: CUDA, then Apple MPS, then the CPU. An explicitly requested device must exist.
+
+    `key` is where the user chose `setting` (a params.yaml key, or a command-line option such as --device).
+    """
+    if setting not in DEVICES:
+        raise PipelineError(f"{key} must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}, got {setting!r}")
+    cuda = torch.cuda.is_available()
+    mps = torch.backends.mps.is_available()
+    if setting == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if (setting == "cuda" and not cuda) or (setting == "mps" and not mps):
+        in_params = "" if key.startswith("-") else " in params.yaml"
+        raise PipelineError(
+            f"{key} is {setting!r} but no {setting.upper()} device is available here: "
+            f"set {key} to auto (or cpu){in_params}"
+        )
+    return torch.device(setting)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere oneDNN emulates it, slowly."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype that `train.precision` asks for on `device` (None: plain fp32).
+
+    auto is bf16 on CUDA where supported (fp16 with a grad scaler before Ampere) and fp32 elsewhere: the CPU stays in
+    fp32 unless asked, as fp32 results do not depend on whether the CPU has bf16 hardware.
+    """
+    cuda = device.type == "cuda"
+    if precision == "fp32" or (precision == "auto" and not cuda):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16" and not cuda:
+        raise PipelineError(
+            f"train.precision fp16 needs CUDA (the device here is {device.type}): use auto, fp32 or bf16"
+        )
+    if precision == "bf16" and device.type == "mps":
+        raise PipelineError("train.precision bf16 is not supported on mps here: use auto or fp32")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise PipelineError("train.precision bf16: this GPU has no bf16 support; use auto (fp16 with a grad scaler)")
+    if precision == "bf16" and not cuda and not cpu_has_native_bf16():
+        warnings.warn(
+            "train.precision bf16: this CPU has no bf16 hardware (AVX512-BF16 or AMX), so bf16 is emulated and "
+            "likely slower than fp32",
+            stacklevel=2,
+        )
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def make_runtime(train: TrainParams) -> Runtime:
+    """The device (`train.device`), its precision (`train.precision`) and memory format (`train.channels_last`)."""
+    device = pick_device(train.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not train.deterministic
+    return Runtime(device, autocast_dtype(train.precision, device), train.channels_last)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed every RNG a run touches; with `deterministic`, also ask PyTorch for deterministic kernels.
+
+    Call it before anything touches CUDA: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it starts.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA and MPS too
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        # warn_only: an op without a deterministic kernel warns instead of stopping a long run.
+        torch.use_deterministic_algorithms(True, warn_only=True)

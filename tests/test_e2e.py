@@ -133,6 +133,7 @@ def test_first_run_writes_every_output(project):
         "reports/summary.md",
         "reports/misclassified.png",
         "reports/metrics_curves.png",
+        "reports/confusion_matrix.png",
         "reports/predictions.csv",
         "reports/per_class.json",
         "reports/model_summary.txt",

@@ -18,7 +18,7 @@ from cifar_pipeline.dataset import CLASSES
 from cifar_pipeline.loaders import make_eval_loader
 from cifar_pipeline.lr_finder import save_results
 from cifar_pipeline.models import build_model
-from cifar_pipeline.report import per_class_accuracy, pick_misclassified, read_tsv
+from cifar_pipeline.report import confusion_counts, per_class_accuracy, pick_misclassified, read_tsv
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = Path(sys.executable)
@@ -233,6 +233,8 @@ def test_per_class_json_matches_the_predictions(project):
     rows = read_predictions(root)
     result = json.loads((root / "reports/per_class.json").read_text())
     hits = [r["true"] == r["predicted"] for r in rows]
+    # The overall accuracies first: `dvc exp show` shows the keys in this order.
+    assert list(result) == ["test_acc", "test_acc_flip_tta", "correct", "total", "per_class_acc"]
     assert result["total"] == N_TEST
     assert result["correct"] == sum(hits)
     assert result["test_acc"] == pytest.approx(100 * sum(hits) / N_TEST, abs=0.01)
@@ -279,11 +281,15 @@ def test_tta_false_skips_the_flip_evaluation(project, tmp_path):
 
 
 def test_pictures_and_model_summary_are_written(project):
+    from PIL import Image
+
     root, _ = project
-    for name in ("misclassified.png", "metrics_curves.png"):
+    for name in ("misclassified.png", "metrics_curves.png", "confusion_matrix.png"):
         data = (root / "reports" / name).read_bytes()
         assert data.startswith(b"\x89PNG"), name
         assert len(data) > 10_000, name
+        # Whole in a 1,400-pixel browser window (dvc plots show) without scrolling sideways.
+        assert Image.open(root / "reports" / name).width <= 1300, name
     summary = (root / "reports/model_summary.txt").read_text()
     params = sum(p.numel() for p in build_model("dilated_net").parameters())
     assert f"{params:,}" in summary
@@ -303,8 +309,33 @@ def test_summary_md_reports_the_run(project):
     for stage in (*WALL_TIMES, "report"):
         assert f"| {stage} |" in text
     assert "| train | 20 min 34 s |" in text
-    for picture in ("misclassified.png", "metrics_curves.png", "lr_find.png", "train_samples.png", "model_summary.txt"):
+    pictures = ("misclassified.png", "metrics_curves.png", "confusion_matrix.png", "lr_find.png", "train_samples.png")
+    for picture in (*pictures, "model_summary.txt"):
         assert f"({picture})" in text
+
+
+def test_confusion_matrix_counts_the_predictions_with_class_names_and_counts(project):
+    from cifar_pipeline.plots import confusion_matrix
+
+    root, _ = project
+    rows = read_predictions(root)
+    labels = np.array([CLASSES.index(r["true"]) for r in rows])
+    preds = np.array([CLASSES.index(r["predicted"]) for r in rows])
+    counts = confusion_counts(labels, preds, len(CLASSES))
+    for true, predicted in ((0, 0), (3, 5), (9, 1)):
+        expected = sum(r["true"] == CLASSES[true] and r["predicted"] == CLASSES[predicted] for r in rows)
+        assert counts[true, predicted] == expected
+    assert (
+        counts.sum() == N_TEST
+        and np.trace(counts) == json.loads((root / "reports/per_class.json").read_text())["correct"]
+    )
+
+    ax = confusion_matrix(counts, list(CLASSES)).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(CLASSES)
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(CLASSES)
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted class", "true class")
+    cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+    assert cells == {(i, j): str(counts[i, j]) for i in range(len(CLASSES)) for j in range(len(CLASSES))}
 
 
 def test_missing_model_names_the_train_stage(project, tmp_path):

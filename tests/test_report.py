@@ -3,9 +3,11 @@
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -374,10 +376,9 @@ def declared_plots() -> tuple[list[str], list[str]]:
     return series, images
 
 
-@pytest.mark.e2e
-def test_dvc_plots_show_and_diff_render_every_declared_plot(project, tmp_path):
-    root, _ = project
-    repo = tmp_path / "repo"
+def plots_repo(root: Path, repo: Path) -> Path:
+    """A git + DVC repository holding the report project's files, with this project's dvc.yaml and .dvc/config
+    (and the page template the config names), committed."""
     shutil.copytree(root, repo)
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     # The images the earlier stages draw: any PNG stands in for them here.
@@ -385,13 +386,25 @@ def test_dvc_plots_show_and_diff_render_every_declared_plot(project, tmp_path):
         shutil.copy(repo / "reports/metrics_curves.png", repo / "reports" / name)
     _git(repo, "init", "-q")
     _dvc(repo, "init", "-q")
+    shutil.copy(ROOT / ".dvc/config", repo / ".dvc/config")
+    template = _dvc(repo, "config", "plots.html_template").stdout.strip()
+    (repo / ".dvc" / template).parent.mkdir(parents=True)
+    shutil.copy(ROOT / ".dvc" / template, repo / ".dvc" / template)
     _git(repo, "add", "-A")
     _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run 1")
+    return repo
+
+
+@pytest.mark.e2e
+def test_dvc_plots_show_and_diff_render_every_declared_plot(project, tmp_path):
+    repo = plots_repo(project[0], tmp_path / "repo")
 
     series, images = declared_plots()
     assert series and images
     _dvc(repo, "plots", "show", "--out", "show")
     html = (repo / "show/index.html").read_text()
+    # Vega is in the page itself (.dvc/config: plots.html_template), not loaded from elsewhere.
+    assert re.findall(r"<script[^>]*>", html) == ["<script>"] * 3 + ['<script type = "text/javascript">'] * len(series)
     assert html.count("vegaEmbed(") == len(series)
     for plot_id in series:
         assert f"vegaEmbed('#{plot_id}', spec)" in html, plot_id
@@ -418,6 +431,62 @@ def test_dvc_plots_show_and_diff_render_every_declared_plot(project, tmp_path):
         p["rev"]: float(p["acc"]) for p in diff if p["filename"] == "test/acc.tsv" and p["step"] == str(EPOCHS)
     }
     assert final_test["workspace"] == final_test["HEAD"] + 9
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+class _Charts(HTMLParser):
+    """Counts, for each plot's <div>, the Vega drawings inside it (a canvas or svg of class "marks")."""
+
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+    def __init__(self, plot_ids: list[str]):
+        super().__init__()
+        self.open: list[str | None] = []
+        self.drawn = dict.fromkeys(plot_ids, 0)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag in ("canvas", "svg") and "marks" in (attrs.get("class") or "").split():
+            owner = next((i for i in reversed(self.open) if i in self.drawn), None)
+            if owner is not None:
+                self.drawn[owner] += 1
+        if tag not in self.VOID:
+            self.open.append(attrs.get("id"))
+
+    def handle_endtag(self, tag):
+        if tag not in self.VOID and self.open:
+            self.open.pop()
+
+
+def charts_drawn(page: Path, plot_ids: list[str]) -> dict[str, int]:
+    """{plot id: Vega drawings in its div} once headless Chromium has run the page's scripts, with every host name
+    unresolvable: nothing can come from the internet."""
+    browser = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+    offline = ["--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=10000"]
+    result = subprocess.run(
+        [*browser, *offline, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=True
+    )
+    parser = _Charts(plot_ids)
+    parser.feed(result.stdout)
+    return parser.drawn
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"no browser at {CHROMIUM} (apt-get install chromium)")
+def test_the_plots_page_draws_every_chart_without_the_internet(project, tmp_path):
+    from dvc_render.html import PAGE_HTML
+
+    repo = plots_repo(project[0], tmp_path / "repo")
+    series, _ = declared_plots()
+    _dvc(repo, "plots", "show", "--out", "page")
+    assert charts_drawn(repo / "page/index.html", series) == dict.fromkeys(series, 1)
+
+    # DVC's own page, which loads Vega from a CDN, draws none of them offline: what the template is for.
+    (tmp_path / "dvc_page.html").write_text(PAGE_HTML)
+    _dvc(repo, "plots", "show", "--out", "cdn-page", "--html-template", str(tmp_path / "dvc_page.html"))
+    assert charts_drawn(repo / "cdn-page/index.html", series) == dict.fromkeys(series, 0)
 
 
 def test_misclassified_grid_handles_no_mistakes(tmp_path):

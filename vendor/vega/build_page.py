@@ -27,8 +27,8 @@ PAGE = Path(__file__).with_name("page.html")
 
 # DVC fills {plot_divs} (required) and {refresh_tag}; a template without {scripts} gets no CDN <script> tags.
 HEAD = """<!DOCTYPE html>
-<!-- Built by vendor/vega/build_page.py: do not edit by hand. Vega, Vega-Lite and vega-embed ({versions}) from the
-npm registry, under this licence:
+<!-- Built by vendor/vega/build_page.py: do not edit by hand. {versions}, from the npm registry, under this
+licence:
 
 {license}-->
 <html>

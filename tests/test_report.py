@@ -1,9 +1,11 @@
-"""The report stage on a tiny project: every output agrees with the model, and `dvc plots show` draws them all."""
+"""The report stage on a tiny project: every output agrees with the model; `dvc plots show` draws them all, offline
+too, and `dvc exp show` puts the test accuracy first."""
 
 import csv
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -376,20 +378,25 @@ def declared_plots() -> tuple[list[str], list[str]]:
     return series, images
 
 
-def plots_repo(root: Path, repo: Path) -> Path:
-    """A git + DVC repository holding the report project's files, with this project's dvc.yaml and .dvc/config
-    (and the page template the config names), committed."""
+def recorded_run(root: Path, repo: Path) -> Path:
+    """A git + DVC repository as a run of this pipeline leaves it, committed: the report project's files under this
+    project's dvc.yaml, .dvc/config (and the page template it names) and code, and the dvc.lock `dvc commit` makes."""
     shutil.copytree(root, repo)
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    # The images the earlier stages draw: any PNG stands in for them here.
+    for folder in ("src", "stages"):
+        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    # What the earlier stages write besides: any PNG stands in for their pictures here.
     for name in ("lr_find.png", "train_samples.png"):
         shutil.copy(repo / "reports/metrics_curves.png", repo / "reports" / name)
+    shutil.copy(repo / "models/model.pt", repo / "models/best.pt")
+    (repo / "reports/augmentations.yaml").write_text("transform: {}\n")
     _git(repo, "init", "-q")
     _dvc(repo, "init", "-q")
     shutil.copy(ROOT / ".dvc/config", repo / ".dvc/config")
     template = _dvc(repo, "config", "plots.html_template").stdout.strip()
     (repo / ".dvc" / template).parent.mkdir(parents=True)
     shutil.copy(ROOT / ".dvc" / template, repo / ".dvc" / template)
+    _dvc(repo, "commit", "-f")
     _git(repo, "add", "-A")
     _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run 1")
     return repo
@@ -397,7 +404,7 @@ def plots_repo(root: Path, repo: Path) -> Path:
 
 @pytest.mark.e2e
 def test_dvc_plots_show_and_diff_render_every_declared_plot(project, tmp_path):
-    repo = plots_repo(project[0], tmp_path / "repo")
+    repo = recorded_run(project[0], tmp_path / "repo")
 
     series, images = declared_plots()
     assert series and images
@@ -431,6 +438,73 @@ def test_dvc_plots_show_and_diff_render_every_declared_plot(project, tmp_path):
         p["rev"]: float(p["acc"]) for p in diff if p["filename"] == "test/acc.tsv" and p["step"] == str(EPOCHS)
     }
     assert final_test["workspace"] == final_test["HEAD"] + 9
+
+
+def readme_exp_show() -> list[str]:
+    """The README's `dvc exp show` command for a readable table, as words."""
+    readme = (ROOT / "README.md").read_text()
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.DOTALL) for line in block.splitlines()]
+    [command] = [line.split("  #")[0] for line in lines if line.startswith("dvc exp show --")]
+    return shlex.split(command)
+
+
+def shown_columns(repo: Path, *args: str) -> list[str]:
+    """The columns of `dvc exp show ARGS --csv` other than the experiment's name, commit, kind, date and parent."""
+    header = _dvc(repo, "exp", "show", *args, "--csv").stdout.splitlines()[0].split(",")
+    return [column for column in header if column not in ("Experiment", "rev", "typ", "Created", "parent")]
+
+
+def changed(values: dict, new: dict) -> dict:
+    """`values` (nested, as DVCLive writes them) with the keys of `new` (flat, a/b for nested) replaced."""
+    values = json.loads(json.dumps(values))
+    for name, value in new.items():
+        *parents, key = name.split("/")
+        inner = values
+        for parent in parents:
+            inner = inner[parent]
+        inner[key] = value
+    return values
+
+
+@pytest.mark.e2e
+def test_dvc_exp_show_puts_the_test_accuracy_first_and_the_readme_command_keeps_what_matters(project, tmp_path):
+    repo = recorded_run(project[0], tmp_path / "repo")
+
+    # Another run, as `dvc exp run -S train.max_lr=0.02` leaves it: new params, metrics and model.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["max_lr"] = 0.02
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    accuracy = json.loads((repo / "reports/per_class.json").read_text())
+    new_accuracy = {"test_acc": 55.0, "test_acc_flip_tta": 56.0, "correct": 33, "per_class_acc/cat": 40.0}
+    (repo / "reports/per_class.json").write_text(json.dumps(changed(accuracy, new_accuracy)))
+    train = json.loads((repo / "reports/train/metrics.json").read_text())
+    new_train = {"max_lr": 0.02, "max_lr_source": "params", "train/loss": 1.5, "train/acc": 60.5, "test/loss": 1.7}
+    new_train |= {"test/acc": 55.0, "lr": 0.0002, "epoch_time_s": 390.0, "images_per_s": 130.0, "wall_time_s": 1200.0}
+    new_train |= {"best/test_acc": 55.0}
+    (repo / "reports/train/metrics.json").write_text(json.dumps(changed(train, new_train)))
+    with open(repo / "models/model.pt", "ab") as f:
+        f.write(b"another model")
+    _dvc(repo, "commit", "-f")
+    _dvc(repo, "exp", "save", "-n", "lr-002")
+
+    # Plainly: every metric before the params and the stages' dependencies, the test accuracy first.
+    columns = shown_columns(repo)
+    assert columns[:2] == ["test_acc", "test_acc_flip_tta"]
+    assert "reports/lr_find_time.json:wall_time_s" not in columns and columns.count("wall_time_s") == 1
+    assert len(columns) > 90  # what the README command is for
+    # The README's command: the accuracies, then what changed, without per-class figures, duplicates, timings or hashes.
+    command = readme_exp_show()
+    assert command[:3] == ["dvc", "exp", "show"]
+    assert shown_columns(repo, *command[3:]) == [
+        "test_acc",
+        "test_acc_flip_tta",
+        "max_lr",
+        "train.loss",
+        "train.acc",
+        "test.loss",
+        "best.test_acc",
+        "train.max_lr",
+    ]
 
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -478,7 +552,7 @@ def charts_drawn(page: Path, plot_ids: list[str]) -> dict[str, int]:
 def test_the_plots_page_draws_every_chart_without_the_internet(project, tmp_path):
     from dvc_render.html import PAGE_HTML
 
-    repo = plots_repo(project[0], tmp_path / "repo")
+    repo = recorded_run(project[0], tmp_path / "repo")
     series, _ = declared_plots()
     _dvc(repo, "plots", "show", "--out", "page")
     assert charts_drawn(repo / "page/index.html", series) == dict.fromkeys(series, 1)

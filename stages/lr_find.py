@@ -2,6 +2,8 @@
 
 import time
 
+import _venv  # noqa: F401  (first: reruns the stage with .venv's python where `python` lacks the package)
+
 from cifar_pipeline import lr_finder
 from cifar_pipeline.atomic import write_json
 from cifar_pipeline.data import resolve_num_workers

@@ -3,6 +3,8 @@
 Interrupted (killed, out of time)? Run it again with the same params: it resumes after the last completed epoch.
 """
 
+import _venv  # noqa: F401  (first: reruns the stage with .venv's python where `python` lacks the package)
+
 from cifar_pipeline.data import resolve_num_workers
 from cifar_pipeline.dataset import DATA_DIR, load_splits
 from cifar_pipeline.engine import make_runtime, new_model, seed_everything

@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -106,6 +107,26 @@ def project(tmp_path_factory) -> Path:
     run(path, "git", "add", "-A")
     run(path, "git", "commit", "-qm", "first run")
     return path
+
+
+@pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="the tests' Python is not a virtual environment")
+def test_the_venvs_dvc_runs_the_stages_without_activating_the_venv(tmp_path):
+    """`.venv/bin/dvc repro` with the venv not activated: the stage commands' `python` is another one, which lacks
+    the project's packages (here: a python without site-packages first on PATH)."""
+    archive = tmp_path / "tiny-cifar.tar.gz"
+    learnable_archive(archive, per_class_train=2, per_class_test=1)
+    path = make_project(tmp_path / "project", archive)
+    (path / ".venv").symlink_to(sys.prefix)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin/python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -S -E "$@"\n')
+    (tmp_path / "bin/python").chmod(0o755)
+    env = dict(os.environ, PATH=os.pathsep.join([str(tmp_path / "bin"), "/usr/bin", "/bin"]))
+    command = [str(path / ".venv/bin/dvc"), "repro", "compute-mean-std"]
+    result = subprocess.run(command, cwd=path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert stages_run(result.stdout) == ["download", "compute-mean-std"]
+    assert "running the stage with" in result.stderr and "Traceback" not in result.stderr
+    assert json.loads((path / "data/stats.json").read_text())["count"] == 20
 
 
 def metrics(path: Path) -> dict:

@@ -111,3 +111,12 @@ def test_using_the_model_commands_run_as_shown(tiny_model, tmp_path):
     result = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "cat\n"
+
+
+def test_what_the_readme_commands_write_is_ignored_by_git():
+    """`dvc plots show` and `cifar-export models/model.onnx` leave files that `git add -A` must not pick up."""
+    import subprocess
+
+    written = ["dvc_plots/index.html", "dvc_plots/static/workspace_reports_lr_find.png", "models/model.onnx"]
+    result = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.split() == written

@@ -210,7 +210,8 @@ def test_model_registry_serves_the_trained_model_by_name_and_version(project, tm
 
 def restore(project: Path) -> None:
     """Back to the committed state: git-tracked files (params, dvc.lock, metrics) and DVC-cached outputs."""
-    run(project, "git", "checkout", "--", ".")
+    # From HEAD, not the index: the project's .dvc/config has core.autostage, so dvc stages what it changes.
+    run(project, "git", "reset", "-q", "--hard")
     dvc(project, "checkout", "-q", "--force")
 
 

@@ -1,5 +1,7 @@
 """compute-mean-std stage: per-channel mean and std of the images the model trains on -> data/stats.json."""
 
+import _venv  # noqa: F401  (first: reruns the stage with .venv's python where `python` lacks the package)
+
 from cifar_pipeline import paths
 from cifar_pipeline.errors import run_stage
 from cifar_pipeline.params import load_params

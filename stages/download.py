@@ -1,5 +1,7 @@
 """download stage: fetch the CIFAR-10 archive (URL or local path) and write data/cifar10/{train,test}.npz."""
 
+import _venv  # noqa: F401  (first: reruns the stage with .venv's python where `python` lacks the package)
+
 from cifar_pipeline import paths
 from cifar_pipeline.download import download
 from cifar_pipeline.errors import run_stage

@@ -1,5 +1,7 @@
 """lr-find stage: the LR range test -> reports/lr_find.json (curve and suggested max LR) and reports/lr_find.png."""
 
+import _venv  # noqa: F401  (first: reruns the stage with .venv's python where `python` lacks the package)
+
 from cifar_pipeline import lr_finder, paths
 from cifar_pipeline.errors import run_stage
 from cifar_pipeline.params import load_params

@@ -1,5 +1,7 @@
 """report stage: evaluate models/model.pt on the test split; write reports/summary.md and the pictures it shows."""
 
+import _venv  # noqa: F401  (first: reruns the stage with .venv's python where `python` lacks the package)
+
 from cifar_pipeline.errors import run_stage
 from cifar_pipeline.params import load_params
 from cifar_pipeline.report import run_report

@@ -3,6 +3,8 @@
 Interrupted (killed, out of time)? Run it again with the same params: it resumes after the last completed epoch.
 """
 
+import _venv  # noqa: F401  (first: reruns the stage with .venv's python where `python` lacks the package)
+
 from cifar_pipeline.errors import run_stage
 from cifar_pipeline.params import load_params
 from cifar_pipeline.training import train

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from archives import (
     CLASSES,
     add_file,
@@ -101,6 +102,26 @@ def test_a_relative_path_is_taken_from_the_project_root(tmp_path, pickle_archive
     (tmp_path / "datasets" / "copy.tar.gz").write_bytes(path.read_bytes())
     download("../datasets/copy.tar.gz", None, project / "data" / "cifar10", root=project)
     assert_output(project / "data" / "cifar10", arrays)
+
+
+def test_a_tilde_in_data_url_is_the_home_folder(tmp_path, pickle_archive, monkeypatch):
+    """As the README says to pass it: DVC's parser rejects a bare ~ in `-S`, takes it quoted, and writes it as is."""
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.hydra import apply_overrides
+
+    path, arrays = pickle_archive
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home/cifar.tar.gz").write_bytes(path.read_bytes())
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  url: elsewhere\n")
+    with pytest.raises(InvalidArgumentError):
+        apply_overrides(params, ["data.url=~/cifar.tar.gz"])
+    apply_overrides(params, ["data.url='~/cifar.tar.gz'"])
+    url = yaml.safe_load(params.read_text())["data"]["url"]
+    assert url == "~/cifar.tar.gz"
+    download(url, None, tmp_path / "project/data/cifar10", root=tmp_path / "project")
+    assert_output(tmp_path / "project/data/cifar10", arrays)
 
 
 def test_missing_local_file_names_data_url(tmp_path):

@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -56,8 +57,8 @@ def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProces
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     if result.returncode == 0:
-        words = list(args[2:] if args[:3] == (sys.executable, "-m", "dvc") else args[1:])
-        tool = "dvc" if args[:3] == (sys.executable, "-m", "dvc") else Path(args[0]).name
+        is_dvc = args[:3] == (sys.executable, "-m", "dvc")
+        tool, words = ("dvc", args[3:]) if is_dvc else (Path(args[0]).name, args[1:])
         COMMANDS_RUN.add((tool, *[w for w in words[:2] if not w.startswith("-")]))
     return result
 
@@ -75,7 +76,7 @@ def make_project(path: Path, archive: Path) -> Path:
     path.mkdir()
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, path / name)
-    for folder in ("stages", "src"):
+    for folder in ("stages", "src", "vendor"):
         shutil.copytree(ROOT / folder, path / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     deep_update(params, TINY_PARAMS)
@@ -85,7 +86,7 @@ def make_project(path: Path, archive: Path) -> Path:
     run(path, "git", "config", "user.email", "test@example.invalid")
     run(path, "git", "config", "user.name", "test")
     dvc(path, "init", "-q")
-    dvc(path, "config", "core.analytics", "false")
+    shutil.copy(ROOT / ".dvc/config", path / ".dvc/config")
     run(path, "git", "add", "-A")
     run(path, "git", "commit", "-qm", "tiny pipeline")
     return path
@@ -102,6 +103,26 @@ def project(tmp_path_factory) -> Path:
     run(path, "git", "add", "-A")
     run(path, "git", "commit", "-qm", "first run")
     return path
+
+
+@pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="the tests' Python is not a virtual environment")
+def test_the_venvs_dvc_runs_the_stages_without_activating_the_venv(tmp_path):
+    """`.venv/bin/dvc repro` with the venv not activated: the stage commands' `python` is another one, which lacks
+    the project's packages (here: a python without site-packages first on PATH)."""
+    archive = tmp_path / "tiny-cifar.tar.gz"
+    learnable_archive(archive, per_class_train=2, per_class_test=1)
+    path = make_project(tmp_path / "project", archive)
+    (path / ".venv").symlink_to(sys.prefix)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin/python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -S -E "$@"\n')
+    (tmp_path / "bin/python").chmod(0o755)
+    env = dict(os.environ, PATH=os.pathsep.join([str(tmp_path / "bin"), "/usr/bin", "/bin"]))
+    command = [str(path / ".venv/bin/dvc"), "repro", "compute-mean-std"]
+    result = subprocess.run(command, cwd=path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert stages_run(result.stdout) == ["download", "compute-mean-std"]
+    assert "running the stage with" in result.stderr and "Traceback" not in result.stderr
+    assert json.loads((path / "data/stats.json").read_text())["count"] == 20
 
 
 def metrics(path: Path) -> dict:
@@ -129,6 +150,7 @@ def test_first_run_writes_every_output(project):
         "reports/summary.md",
         "reports/misclassified.png",
         "reports/metrics_curves.png",
+        "reports/confusion_matrix.png",
         "reports/predictions.csv",
         "reports/per_class.json",
         "reports/model_summary.txt",
@@ -169,7 +191,7 @@ def test_a_rerun_on_the_same_inputs_or_another_worker_count_reruns_nothing_after
     try:
         assert "up to date" in dvc(project, "status").stdout
     finally:
-        run(project, "git", "checkout", "--", ".")
+        restore(project)
 
 
 def test_model_registry_serves_the_trained_model_by_name_and_version(project, tmp_path):
@@ -200,7 +222,8 @@ def test_model_registry_serves_the_trained_model_by_name_and_version(project, tm
 
 def restore(project: Path) -> None:
     """Back to the committed state: git-tracked files (params, dvc.lock, metrics) and DVC-cached outputs."""
-    run(project, "git", "checkout", "--", ".")
+    # From HEAD, not the index: the project's .dvc/config has core.autostage, so dvc stages what it changes.
+    run(project, "git", "reset", "-q", "--hard")
     dvc(project, "checkout", "-q", "--force")
 
 
@@ -260,6 +283,8 @@ def test_exp_run_with_a_number_skips_lr_find_and_trains_with_it(project):
     before = metrics(project)
     result = dvc(project, "exp", "run", "-n", "lr-002", "-S", "train.max_lr=0.02")
     assert stages_run(result.stdout) == ["train", "report"]
+    # DVC warns of each output without a recorded hash, which only a never-run pipeline has (README).
+    assert "No file hash info found" not in result.stdout + result.stderr
     after = metrics(project)
     assert after["max_lr"] == pytest.approx(0.02)
     assert after["max_lr"] != pytest.approx(before["max_lr"])

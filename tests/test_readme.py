@@ -103,3 +103,12 @@ def test_the_layout_names_every_module_of_the_package():
     assert modules <= named, f"README's Layout does not name {sorted(modules - named)}"
     existing = {p.name for p in ROOT.glob("*/**/*.py")}
     assert {name for name in named if name.endswith(".py")} <= existing, "README's Layout names a file that is gone"
+
+
+def test_what_the_readme_commands_write_is_ignored_by_git():
+    """`dvc plots show` and `cifar-export models/model.onnx` leave files that `git add -A` must not pick up."""
+    import subprocess
+
+    written = ["dvc_plots/index.html", "dvc_plots/static/workspace_reports_lr_find.png", "models/model.onnx"]
+    result = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.split() == written

@@ -1,11 +1,15 @@
-"""The report stage on a tiny project: every output agrees with the model, and `dvc plots show` draws them all."""
+"""The report stage on a tiny project: every output agrees with the model; `dvc plots show` draws them all, offline
+too, and `dvc exp show` puts the test accuracy first."""
 
 import csv
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +23,7 @@ from cifar_pipeline.download import CLASSES
 from cifar_pipeline.loaders import make_eval_loader
 from cifar_pipeline.lr_finder import save_results
 from cifar_pipeline.models import build_model
-from cifar_pipeline.report import per_class_accuracy, pick_misclassified, read_tsv
+from cifar_pipeline.report import confusion_counts, per_class_accuracy, pick_misclassified, read_tsv
 
 PYTHON = Path(sys.executable)
 N_TEST, N_TRAIN, EPOCHS, STEPS_PER_EPOCH, MISCLASSIFIED = 60, 20, 3, 4, 8
@@ -96,9 +100,8 @@ def make_project(root: Path) -> dict:
     for split, (images, labels) in splits.items():
         np.savez(data / f"{split}.npz", images=images, labels=labels)
     meta = {"classes": list(CLASSES), "counts": {"train": N_TRAIN, "test": N_TEST}}
-    (data / "meta.json").write_text(json.dumps(meta | {"wall_time_s": WALL_TIMES["download"]}))
-    stats = {"mean": MEAN, "std": STD, "wall_time_s": WALL_TIMES["compute-mean-std"]}
-    (root / "data/stats.json").write_text(json.dumps(stats))
+    (data / "meta.json").write_text(json.dumps(meta))
+    (root / "data/stats.json").write_text(json.dumps({"mean": MEAN, "std": STD}))
 
     torch.manual_seed(0)
     model = build_model("dilated_net")
@@ -130,7 +133,8 @@ def make_project(root: Path) -> dict:
     losses = 2.3 - 0.1 * np.arange(12)
     result = {"lr": lrs.tolist(), "loss": losses.tolist(), "raw_loss": (losses + 0.05).tolist(), "diverged": False}
     save_results(reports / "lr_find.json", result, MAX_LR, "steepest", 12)
-    (reports / "lr_find_time.json").write_text(json.dumps({"wall_time_s": WALL_TIMES["lr-find"]}))
+    for stage, name in (("download", "download"), ("compute-mean-std", "compute_mean_std"), ("lr-find", "lr_find")):
+        (reports / f"{name}_time.json").write_text(json.dumps({"wall_time_s": WALL_TIMES[stage]}))
     return {"logged": logged, "extra": extra}
 
 
@@ -232,6 +236,8 @@ def test_per_class_json_matches_the_predictions(project):
     rows = read_predictions(root)
     result = json.loads((root / "reports/per_class.json").read_text())
     hits = [r["true"] == r["predicted"] for r in rows]
+    # The overall accuracies first: `dvc exp show` shows the keys in this order.
+    assert list(result) == ["test_acc", "test_acc_flip_tta", "correct", "total", "per_class_acc"]
     assert result["total"] == N_TEST
     assert result["correct"] == sum(hits)
     assert result["test_acc"] == pytest.approx(100 * sum(hits) / N_TEST, abs=0.01)
@@ -278,11 +284,15 @@ def test_tta_false_skips_the_flip_evaluation(project, tmp_path):
 
 
 def test_pictures_and_model_summary_are_written(project):
+    from PIL import Image
+
     root, _ = project
-    for name in ("misclassified.png", "metrics_curves.png"):
+    for name in ("misclassified.png", "metrics_curves.png", "confusion_matrix.png"):
         data = (root / "reports" / name).read_bytes()
         assert data.startswith(b"\x89PNG"), name
         assert len(data) > 10_000, name
+        # Whole in a 1,400-pixel browser window (dvc plots show) without scrolling sideways.
+        assert Image.open(root / "reports" / name).width <= 1300, name
     summary = (root / "reports/model_summary.txt").read_text()
     params = sum(p.numel() for p in build_model("dilated_net").parameters())
     assert f"{params:,}" in summary
@@ -301,9 +311,34 @@ def test_summary_md_reports_the_run(project):
     assert f"{sum(p.numel() for p in build_model('dilated_net').parameters()):,} parameters" in text
     for stage in (*WALL_TIMES, "report"):
         assert f"| {stage} |" in text
-    assert "| train | 20 min 34 s |" in text
-    for picture in ("misclassified.png", "metrics_curves.png", "lr_find.png", "train_samples.png", "model_summary.txt"):
+    assert "| train | 20 min 34 s |" in text and "| download | 12.5 s |" in text and "| lr-find | 1 min 35 s |" in text
+    pictures = ("misclassified.png", "metrics_curves.png", "confusion_matrix.png", "lr_find.png", "train_samples.png")
+    for picture in (*pictures, "model_summary.txt"):
         assert f"({picture})" in text
+
+
+def test_confusion_matrix_counts_the_predictions_with_class_names_and_counts(project):
+    from cifar_pipeline.report_figures import confusion_matrix
+
+    root, _ = project
+    rows = read_predictions(root)
+    labels = np.array([CLASSES.index(r["true"]) for r in rows])
+    preds = np.array([CLASSES.index(r["predicted"]) for r in rows])
+    counts = confusion_counts(labels, preds, len(CLASSES))
+    for true, predicted in ((0, 0), (3, 5), (9, 1)):
+        expected = sum(r["true"] == CLASSES[true] and r["predicted"] == CLASSES[predicted] for r in rows)
+        assert counts[true, predicted] == expected
+    assert (
+        counts.sum() == N_TEST
+        and np.trace(counts) == json.loads((root / "reports/per_class.json").read_text())["correct"]
+    )
+
+    ax = confusion_matrix(counts, list(CLASSES)).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(CLASSES)
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(CLASSES)
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted class", "true class")
+    cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+    assert cells == {(i, j): str(counts[i, j]) for i in range(len(CLASSES)) for j in range(len(CLASSES))}
 
 
 def test_missing_model_names_the_train_stage(project, tmp_path):
@@ -342,24 +377,40 @@ def declared_plots() -> tuple[list[str], list[str]]:
     return series, images
 
 
-@pytest.mark.e2e
-def test_dvc_plots_show_and_diff_render_every_declared_plot(project, tmp_path):
-    root, _ = project
-    repo = tmp_path / "repo"
+def recorded_run(root: Path, repo: Path) -> Path:
+    """A git + DVC repository as a run of this pipeline leaves it, committed: the report project's files under this
+    project's dvc.yaml, .dvc/config (and the page template it names) and code, and the dvc.lock `dvc commit` makes."""
     shutil.copytree(root, repo)
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    # The images the earlier stages draw: any PNG stands in for them here.
+    for folder in ("src", "stages"):
+        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    # What the earlier stages write besides: any PNG stands in for their pictures here.
     for name in ("lr_find.png", "train_samples.png"):
         shutil.copy(repo / "reports/metrics_curves.png", repo / "reports" / name)
+    shutil.copy(repo / "models/model.pt", repo / "models/best.pt")
+    (repo / "reports/augmentations.yaml").write_text("transform: {}\n")
     _git(repo, "init", "-q")
     _dvc(repo, "init", "-q")
+    shutil.copy(ROOT / ".dvc/config", repo / ".dvc/config")
+    template = _dvc(repo, "config", "plots.html_template").stdout.strip()
+    (repo / ".dvc" / template).parent.mkdir(parents=True)
+    shutil.copy(ROOT / ".dvc" / template, repo / ".dvc" / template)
+    _dvc(repo, "commit", "-f")
     _git(repo, "add", "-A")
     _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run 1")
+    return repo
+
+
+@pytest.mark.e2e
+def test_dvc_plots_show_and_diff_render_every_declared_plot(project, tmp_path):
+    repo = recorded_run(project[0], tmp_path / "repo")
 
     series, images = declared_plots()
     assert series and images
     _dvc(repo, "plots", "show", "--out", "show")
     html = (repo / "show/index.html").read_text()
+    # Vega is in the page itself (.dvc/config: plots.html_template), not loaded from elsewhere.
+    assert re.findall(r"<script[^>]*>", html) == ["<script>"] * 3 + ['<script type = "text/javascript">'] * len(series)
     assert html.count("vegaEmbed(") == len(series)
     for plot_id in series:
         assert f"vegaEmbed('#{plot_id}', spec)" in html, plot_id
@@ -386,6 +437,129 @@ def test_dvc_plots_show_and_diff_render_every_declared_plot(project, tmp_path):
         p["rev"]: float(p["acc"]) for p in diff if p["filename"] == "test/acc.tsv" and p["step"] == str(EPOCHS)
     }
     assert final_test["workspace"] == final_test["HEAD"] + 9
+
+
+def readme_exp_show() -> list[str]:
+    """The README's `dvc exp show` command for a readable table, as words."""
+    readme = (ROOT / "README.md").read_text()
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.DOTALL) for line in block.splitlines()]
+    [command] = [line.split("  #")[0] for line in lines if line.startswith("dvc exp show --")]
+    return shlex.split(command)
+
+
+def shown_columns(repo: Path, *args: str) -> list[str]:
+    """The columns of `dvc exp show ARGS --csv` other than the experiment's name, commit, kind, date and parent."""
+    header = _dvc(repo, "exp", "show", *args, "--csv").stdout.splitlines()[0].split(",")
+    return [column for column in header if column not in ("Experiment", "rev", "typ", "Created", "parent")]
+
+
+def changed(values: dict, new: dict) -> dict:
+    """`values` (nested, as DVCLive writes them) with the keys of `new` (flat, a/b for nested) replaced."""
+    values = json.loads(json.dumps(values))
+    for name, value in new.items():
+        *parents, key = name.split("/")
+        inner = values
+        for parent in parents:
+            inner = inner[parent]
+        inner[key] = value
+    return values
+
+
+@pytest.mark.e2e
+def test_dvc_exp_show_puts_the_test_accuracy_first_and_the_readme_command_keeps_what_matters(project, tmp_path):
+    repo = recorded_run(project[0], tmp_path / "repo")
+
+    # Another run, as `dvc exp run -S train.max_lr=0.02` leaves it: new params, metrics and model.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["max_lr"] = 0.02
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    accuracy = json.loads((repo / "reports/per_class.json").read_text())
+    new_accuracy = {"test_acc": 55.0, "test_acc_flip_tta": 56.0, "correct": 33, "per_class_acc/cat": 40.0}
+    (repo / "reports/per_class.json").write_text(json.dumps(changed(accuracy, new_accuracy)))
+    train = json.loads((repo / "reports/train/metrics.json").read_text())
+    new_train = {"max_lr": 0.02, "max_lr_source": "params", "train/loss": 1.5, "train/acc": 60.5, "test/loss": 1.7}
+    new_train |= {"test/acc": 55.0, "lr": 0.0002, "epoch_time_s": 390.0, "images_per_s": 130.0, "wall_time_s": 1200.0}
+    new_train |= {"best/test_acc": 55.0}
+    (repo / "reports/train/metrics.json").write_text(json.dumps(changed(train, new_train)))
+    with open(repo / "models/model.pt", "ab") as f:
+        f.write(b"another model")
+    _dvc(repo, "commit", "-f")
+    _dvc(repo, "exp", "save", "-n", "lr-002")
+
+    # Plainly: every metric before the params and the stages' dependencies, the test accuracy first.
+    columns = shown_columns(repo)
+    assert columns[:2] == ["test_acc", "test_acc_flip_tta"]
+    assert "reports/lr_find_time.json:wall_time_s" not in columns and columns.count("wall_time_s") == 1
+    assert len(columns) > 90  # what the README command is for
+    # The README's command: the accuracies, then what changed, without per-class figures, duplicates, timings or hashes.
+    command = readme_exp_show()
+    assert command[:3] == ["dvc", "exp", "show"]
+    assert shown_columns(repo, *command[3:]) == [
+        "test_acc",
+        "test_acc_flip_tta",
+        "max_lr",
+        "train.loss",
+        "train.acc",
+        "test.loss",
+        "best.test_acc",
+        "train.max_lr",
+    ]
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+class _Charts(HTMLParser):
+    """Counts, for each plot's <div>, the Vega drawings inside it (a canvas or svg of class "marks")."""
+
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+    def __init__(self, plot_ids: list[str]):
+        super().__init__()
+        self.open: list[str | None] = []
+        self.drawn = dict.fromkeys(plot_ids, 0)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag in ("canvas", "svg") and "marks" in (attrs.get("class") or "").split():
+            owner = next((i for i in reversed(self.open) if i in self.drawn), None)
+            if owner is not None:
+                self.drawn[owner] += 1
+        if tag not in self.VOID:
+            self.open.append(attrs.get("id"))
+
+    def handle_endtag(self, tag):
+        if tag not in self.VOID and self.open:
+            self.open.pop()
+
+
+def charts_drawn(page: Path, plot_ids: list[str]) -> dict[str, int]:
+    """{plot id: Vega drawings in its div} once headless Chromium has run the page's scripts, with every host name
+    unresolvable: nothing can come from the internet."""
+    browser = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+    offline = ["--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=10000"]
+    result = subprocess.run(
+        [*browser, *offline, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=True
+    )
+    parser = _Charts(plot_ids)
+    parser.feed(result.stdout)
+    return parser.drawn
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"no browser at {CHROMIUM} (apt-get install chromium)")
+def test_the_plots_page_draws_every_chart_without_the_internet(project, tmp_path):
+    from dvc_render.html import PAGE_HTML
+
+    repo = recorded_run(project[0], tmp_path / "repo")
+    series, _ = declared_plots()
+    _dvc(repo, "plots", "show", "--out", "page")
+    assert charts_drawn(repo / "page/index.html", series) == dict.fromkeys(series, 1)
+
+    # DVC's own page, which loads Vega from a CDN, draws none of them offline: what the template is for.
+    (tmp_path / "dvc_page.html").write_text(PAGE_HTML)
+    _dvc(repo, "plots", "show", "--out", "cdn-page", "--html-template", str(tmp_path / "dvc_page.html"))
+    assert charts_drawn(repo / "cdn-page/index.html", series) == dict.fromkeys(series, 0)
 
 
 def test_misclassified_grid_handles_no_mistakes(tmp_path):

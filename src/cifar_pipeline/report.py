@@ -1,9 +1,10 @@
 """The report stage: evaluate models/model.pt on the test split and write what a person reads after a run.
 
 Outputs (all under reports/): predictions.csv (one row per test image, DVC's confusion plot), per_class.json
-(DVC metrics), misclassified.png, metrics_curves.png, model_summary.txt and summary.md, which ties them together
-with the run's numbers and each stage's wall time. With report.tta the test split is also evaluated with horizontal-flip
-test-time augmentation; the headline (test_acc) stays the plain accuracy, test_acc_flip_tta sits beside it.
+(DVC metrics), confusion_matrix.png, misclassified.png, metrics_curves.png, model_summary.txt and summary.md, which
+ties them together with the run's numbers and each stage's wall time. With report.tta the test split is also evaluated
+with horizontal-flip test-time augmentation; the headline (test_acc) stays the plain accuracy, test_acc_flip_tta sits
+beside it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from cifar_pipeline.inference import batch_logits, flip_tta_logits, softmax
 from cifar_pipeline.model_summary import model_summary_text
 from cifar_pipeline.params import Params
 from cifar_pipeline.paths import DATA_DIR, LIVE_DIR, LR_FIND, META, MODEL, REPORTS
-from cifar_pipeline.report_figures import metrics_curves, misclassified_grid
+from cifar_pipeline.report_figures import confusion_matrix, metrics_curves, misclassified_grid
 from cifar_pipeline.runtime import pick_device
 from cifar_pipeline.splits import load_test_split, read_classes
 
@@ -56,10 +57,6 @@ def top_class(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return probs.argmax(axis=1).astype(np.int64), probs.max(axis=1).astype(np.float32)
 
 
-def accuracy_percent(labels: np.ndarray, logits: np.ndarray) -> float:
-    return round(100.0 * float((logits.argmax(axis=1) == labels).mean()), 2)
-
-
 def pick_misclassified(labels: np.ndarray, preds: np.ndarray, confidences: np.ndarray, count: int) -> np.ndarray:
     """Test indices of the `count` most confident mistakes, most confident first; ties keep test order."""
     wrong = np.flatnonzero(preds != labels)
@@ -67,19 +64,27 @@ def pick_misclassified(labels: np.ndarray, preds: np.ndarray, confidences: np.nd
     return wrong[order[:count]]
 
 
-def per_class_accuracy(labels: np.ndarray, preds: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """Overall and per-class test accuracy in percent, shaped for `dvc metrics show`."""
+def per_class_accuracy(
+    labels: np.ndarray, preds: np.ndarray, classes: list[str], tta_preds: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Overall and per-class test accuracy in percent, shaped for `dvc metrics show`; with `tta_preds` (flip TTA's
+    predictions) also `test_acc_flip_tta`. The overall accuracies come first: `dvc exp show` keeps the order."""
     correct = preds == labels
     per_class = {}
     for index, name in enumerate(classes):
         mask = labels == index
         per_class[name] = round(100.0 * correct[mask].mean(), 2) if mask.any() else None
-    return {
-        "test_acc": round(100.0 * correct.mean(), 2),
-        "correct": int(correct.sum()),
-        "total": len(labels),
-        "per_class_acc": per_class,
-    }
+    result: dict[str, Any] = {"test_acc": round(100.0 * correct.mean(), 2)}
+    if tta_preds is not None:
+        result["test_acc_flip_tta"] = round(100.0 * float((tta_preds == labels).mean()), 2)
+    return result | {"correct": int(correct.sum()), "total": len(labels), "per_class_acc": per_class}
+
+
+def confusion_counts(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """counts[true, predicted]: how many test images of each class went to each class."""
+    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(counts, (labels, preds), 1)
+    return counts
 
 
 def predictions_csv(labels: np.ndarray, preds: np.ndarray, confidences: np.ndarray, classes: list[str]) -> str:
@@ -231,7 +236,11 @@ The most confident mistakes:
 |---|---|
 {per_class}
 
-Per-image predictions: predictions.csv (`dvc plots show` draws them as a confusion matrix).
+Which classes are taken for which, true class down, predicted class across:
+
+![confusion matrix](confusion_matrix.png)
+
+Per-image predictions: predictions.csv (`dvc plots show` draws them as an interactive confusion matrix too).
 
 ## How the run got there
 
@@ -266,12 +275,16 @@ def run_report(params: Params) -> None:
     logits = batch_logits(model, images, ckpt["mean"], ckpt["std"], device)
     preds, confidences = top_class(logits)
 
-    accuracy = per_class_accuracy(labels, preds, classes)
+    tta_preds = None
     if params.report.tta:
         mirrored = batch_logits(model, images, ckpt["mean"], ckpt["std"], device, mirror=True)
-        accuracy["test_acc_flip_tta"] = accuracy_percent(labels, flip_tta_logits(logits, mirrored))
+        tta_preds = flip_tta_logits(logits, mirrored).argmax(axis=1)
+    accuracy = per_class_accuracy(labels, preds, classes, tta_preds)
     write_text(REPORTS / "predictions.csv", predictions_csv(labels, preds, confidences, classes))
     write_json(REPORTS / "per_class.json", accuracy)
+    # Also as a picture: DVC's interactive one (dvc plots show) needs a browser and the page.
+    counts = confusion_counts(labels, preds, len(classes))
+    save_figure(REPORTS / "confusion_matrix.png", confusion_matrix(counts, classes), dpi=100)
 
     picked = pick_misclassified(labels, preds, confidences, params.report.misclassified)
     titles = [f"true: {classes[labels[i]]}\npred: {classes[preds[i]]} ({100 * confidences[i]:.0f}%)" for i in picked]
@@ -281,7 +294,7 @@ def run_report(params: Params) -> None:
     train_metrics = read_json(LIVE_DIR / "metrics.json")
     schedule = lr_schedule(LIVE_DIR, ckpt["epoch"])
     figure = metrics_curves(training_curves(LIVE_DIR), schedule, ckpt["max_lr"])
-    save_figure(REPORTS / "metrics_curves.png", figure, dpi=120)
+    save_figure(REPORTS / "metrics_curves.png", figure, dpi=100)
 
     model = model.cpu()
     write_text(REPORTS / "model_summary.txt", model_summary_text(model))

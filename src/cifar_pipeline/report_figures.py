@@ -1,4 +1,4 @@
-"""The report stage's figures: the training curves and the most confident mistakes."""
+"""The report stage's figures: the training curves, the confusion matrix and the most confident mistakes."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def metrics_curves(
     """
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), layout="constrained")
+    # 13 x 4 inches at the report's 100 dpi: 1,300 pixels, whole in a browser window (dvc plots show) and on a laptop.
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), layout="constrained")
     styles = {"train": "-o", "val": "-^", "test": "-s"}
     for ax, name, title, ylabel in (
         (axes[0], "loss", "Loss", "cross-entropy loss"),
@@ -39,6 +40,23 @@ def metrics_curves(
     axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     axes[2].grid(alpha=0.3)
     axes[2].legend()
+    return fig
+
+
+def confusion_matrix(counts: np.ndarray, classes: Sequence[str]) -> Figure:
+    """counts[true, predicted] as a grid of cells, each with its count, true classes down, predicted across."""
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(7.5, 6.5), layout="constrained")
+    ax.imshow(counts, cmap="Blues", vmin=0)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(n), classes)
+    total, correct = int(counts.sum()), int(np.trace(counts))
+    accuracy = f", {100 * correct / total:.2f}% on the diagonal" if total else ""
+    ax.set(xlabel="predicted class", ylabel="true class", title=f"Confusion matrix: {total:,} test images{accuracy}")
+    dark = counts.max() / 2  # white text on the darker half of the colour scale
+    for (true, predicted), count in np.ndenumerate(counts):
+        colour = "white" if count > dark else "black"
+        ax.text(predicted, true, f"{count:,}", ha="center", va="center", color=colour, fontsize=8)
     return fig
 
 

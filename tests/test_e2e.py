@@ -25,7 +25,7 @@ from PIL import Image
 pytestmark = pytest.mark.e2e
 README = (ROOT / "README.md").read_text()
 
-STAGES = ["download", "compute-mean-std", "lr-find", "train", "report"]
+STAGES = ["check-params", "download", "compute-mean-std", "lr-find", "train", "report"]
 
 # Small enough for two CPU cores, large enough for the LR range test to see a descent.
 TINY_PARAMS = {
@@ -71,15 +71,17 @@ def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '([\w-]+)'", output)
 
 
-def make_project(path: Path, archive: Path) -> Path:
-    """A copy of this repository's pipeline in a fresh git + DVC repository, with tiny params, committed."""
+def make_project(path: Path, archive: Path, tiny: bool = True) -> Path:
+    """A copy of this repository's pipeline in a fresh git + DVC repository, with tiny params (or params.yaml as
+    shipped but for data.url), committed."""
     path.mkdir()
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, path / name)
     for folder in ("stages", "src", "vendor"):
         shutil.copytree(ROOT / folder, path / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    deep_update(params, TINY_PARAMS)
+    if tiny:
+        deep_update(params, TINY_PARAMS)
     params["data"]["url"] = str(archive)
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(path, "git", "init", "-q")
@@ -120,7 +122,7 @@ def test_the_venvs_dvc_runs_the_stages_without_activating_the_venv(tmp_path):
     command = [str(path / ".venv/bin/dvc"), "repro", "compute-mean-std"]
     result = subprocess.run(command, cwd=path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert stages_run(result.stdout) == ["download", "compute-mean-std"]
+    assert stages_run(result.stdout) == ["check-params", "download", "compute-mean-std"]
     assert "running the stage with" in result.stderr and "Traceback" not in result.stderr
     assert json.loads((path / "data/stats.json").read_text())["count"] == 20
 
@@ -129,10 +131,30 @@ def metrics(path: Path) -> dict:
     return json.loads((path / "reports/train/metrics.json").read_text())
 
 
-def test_dag_has_the_five_stages_in_order(project):
+def test_the_readme_first_run_finishes_in_minutes_on_a_fresh_clone(tmp_path):
+    # The Quick start's first command, to the letter, on params.yaml as shipped; the archive (data.url, as the
+    # README says to add for a local copy) is learnable_archive's, just large enough for its subset sizes.
+    quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    first_run = re.findall(r"```bash\n(.*?)```", quick_start, flags=re.DOTALL)[1]
+    words = first_run.replace("\\\n", " ").split()
+    assert words[:3] == ["dvc", "exp", "run"]
+    archive = tmp_path / "cifar.tar.gz"
+    learnable_archive(archive, per_class_train=200, per_class_test=50)  # 2,000 and 500 images
+    path = make_project(tmp_path / "clone", archive, tiny=False)
+    started = time.monotonic()
+    result = dvc(path, *words[1:], "-S", "data.md5=null")
+    assert stages_run(result.stdout) == STAGES
+    assert time.monotonic() - started < 600, "the first run is advertised as about a minute"
+    summary = (path / "reports/summary.md").read_text()
+    assert "(500 test images)" in summary or "of 500)" in summary
+    assert json.loads((path / "reports/train/metrics.json").read_text())["step"] == 3
+
+
+def test_dag_has_the_six_stages_in_order_and_checks_params_first(project):
     edges = set(re.findall(r'"([\w-]+)" -> "([\w-]+)"', dvc(project, "dag", "--dot").stdout))
     for upstream, downstream in itertools.pairwise(STAGES):
         assert (upstream, downstream) in edges
+    assert all(("check-params", stage) in edges for stage in STAGES[1:])
 
 
 def test_first_run_writes_every_output(project):
@@ -189,7 +211,10 @@ def test_a_rerun_on_the_same_inputs_or_another_worker_count_reruns_nothing_after
     params["data"]["num_workers"] = 1
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
-        assert "up to date" in dvc(project, "status").stdout
+        # Only check-params, which validates every key, sees the change; it writes the same file, so nothing follows.
+        status = dvc(project, "status").stdout
+        assert [line for line in status.splitlines() if line and not line[0].isspace()] == ["check-params:"], status
+        assert stages_run(dvc(project, "repro").stdout) == ["check-params"]
     finally:
         restore(project)
 
@@ -235,7 +260,7 @@ def set_params(project: Path, changes: dict) -> None:
 def test_changed_train_param_reruns_only_train_and_report(project):
     set_params(project, {"train": {"div_factor": 20.0}})
     try:
-        assert stages_run(dvc(project, "repro").stdout) == ["train", "report"]
+        assert stages_run(dvc(project, "repro").stdout) == ["check-params", "train", "report"]
     finally:
         restore(project)
 
@@ -243,7 +268,7 @@ def test_changed_train_param_reruns_only_train_and_report(project):
 def test_changed_augment_param_reruns_lr_find_train_and_report(project):
     set_params(project, {"augment": {"rotate_limit": 5.0}})
     try:
-        assert stages_run(dvc(project, "repro").stdout) == ["lr-find", "train", "report"]
+        assert stages_run(dvc(project, "repro").stdout) == ["check-params", "lr-find", "train", "report"]
     finally:
         restore(project)
     assert "up to date" in dvc(project, "status").stdout
@@ -256,7 +281,7 @@ def test_failing_stage_exits_clearly_and_dvc_status_tells_the_truth(project):
         assert result.returncode != 0
         assert "error: data.test_subset = 1000 is larger than the test split" in result.stderr + result.stdout
         assert "Traceback" not in result.stderr + result.stdout
-        assert stages_run(result.stdout) == ["train"]
+        assert stages_run(result.stdout) == ["check-params", "train"]
         # The failed stage is not recorded as done: dvc.lock still holds the last good run, and status says so.
         status = dvc(project, "status").stdout
         assert "train:" in status and "modified:           data.test_subset" in status
@@ -265,6 +290,46 @@ def test_failing_stage_exits_clearly_and_dvc_status_tells_the_truth(project):
     finally:
         restore(project)
     assert "up to date" in dvc(project, "status").stdout
+
+
+def outputs_and_status(project: Path) -> tuple[dict[str, bytes], str]:
+    """Every output file's bytes (DVC-cached and git-tracked alike), and what `dvc status` says."""
+    files = {}
+    for folder in ("data", "models", "reports"):
+        for path in sorted((project / folder).rglob("*")):
+            if path.is_file():
+                files[str(path.relative_to(project))] = path.read_bytes()
+    return files, dvc(project, "status").stdout
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("train.max_lrr=0.1", "train.max_lrr: unknown key (did you mean 'train.max_lr'?)"),
+        ("train.epochs=0", "train.epochs = 0: must be greater than or equal to 1"),
+        ("model.name=vgg", "model.name = 'vgg': must be 'custom_resnet' or 'dilated_net'"),
+    ],
+)
+def test_a_param_mistake_costs_no_output(project, setting, message):
+    # check-params runs first and fails: DVC removes no other stage's outputs, not even the cache: false ones
+    # (reports/lr_find.json) that could not be checked out again. The message says how to undo the change.
+    before = outputs_and_status(project)
+    key, value = setting.split("=")
+    if key == "train.max_lrr":
+        # DVC's -S refuses a key that is not in params.yaml (it wants +train.max_lrr): a typo comes by an edit.
+        assert "Could not override 'train.max_lrr'" in dvc(project, "exp", "run", "-S", setting, check=False).stderr
+        set_params(project, {"train": {"max_lrr": float(value)}})
+        commands = [["repro"]]
+    else:
+        commands = [["exp", "run", "-S", setting], ["repro"]]  # exp run leaves the value; repro meets it again
+    for command in commands:
+        result = dvc(project, *command, check=False)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0 and message in output and "git checkout HEAD -- params.yaml" in output
+        assert stages_run(result.stdout) == ["check-params"] and "Traceback" not in output
+        assert outputs_and_status(project)[0] == before[0]
+    run(project, "git", "checkout", "HEAD", "--", "params.yaml")  # as the message says
+    assert outputs_and_status(project) == before
 
 
 def exp_rows(project: Path) -> dict[str, dict]:
@@ -282,7 +347,7 @@ def exp_rows(project: Path) -> dict[str, dict]:
 def test_exp_run_with_a_number_skips_lr_find_and_trains_with_it(project):
     before = metrics(project)
     result = dvc(project, "exp", "run", "-n", "lr-002", "-S", "train.max_lr=0.02")
-    assert stages_run(result.stdout) == ["train", "report"]
+    assert stages_run(result.stdout) == ["check-params", "train", "report"]
     # DVC warns of each output without a recorded hash, which only a never-run pipeline has (README).
     assert "No file hash info found" not in result.stdout + result.stderr
     after = metrics(project)

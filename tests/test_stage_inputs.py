@@ -27,7 +27,9 @@ def test_stage_on_a_fresh_clone_says_to_run_download_first(script, tmp_path):
     assert not list(tmp_path.rglob("*.tmp*")), "no half-written output"
 
 
-@pytest.mark.parametrize("script", ["download.py", "compute_mean_std.py", "lr_find.py", "train.py", "report.py"])
+@pytest.mark.parametrize(
+    "script", ["check_params.py", "download.py", "compute_mean_std.py", "lr_find.py", "train.py", "report.py"]
+)
 def test_every_stage_validates_params_before_doing_anything(script, tmp_path):
     (tmp_path / "params.yaml").write_text(
         (ROOT / "params.yaml").read_text().replace("batch_size: 512", "batch_size: 0")

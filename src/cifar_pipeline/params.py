@@ -31,6 +31,10 @@ from cifar_pipeline.errors import PipelineError
 RENAMED = {"train.amp": "train.precision (auto | fp32 | bf16 | fp16; amp: true is auto, amp: false is fp32)"}
 
 
+# A failed `dvc exp run -S key=value` leaves its value in params.yaml: say how to get back.
+UNDO = "To undo a change (a failed `dvc exp run -S` leaves its value in params.yaml): git checkout HEAD -- params.yaml"
+
+
 class ParamsError(PipelineError):
     """params.yaml is missing, unreadable or does not match the schema."""
 
@@ -223,7 +227,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
             if message not in messages:
                 messages.append(message)
         lines = [f"{key}{value}: {' or '.join(messages)}" for (key, value), messages in problems.items()]
-        raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+        raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(lines) + "\n" + UNDO) from None
 
 
 def load_params(path: str | Path = paths.PARAMS) -> Params:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
+PARAMS_CHECK = Path("reports/params_check.json")  # check-params: constant, for every valid params.yaml
 
 # download
 DATA_DIR = Path("data/cifar10")  # train.npz, test.npz, meta.json

@@ -389,6 +389,7 @@ def recorded_run(root: Path, repo: Path) -> Path:
         shutil.copy(repo / "reports/metrics_curves.png", repo / "reports" / name)
     shutil.copy(repo / "models/model.pt", repo / "models/best.pt")
     (repo / "reports/augmentations.yaml").write_text("transform: {}\n")
+    (repo / "reports/params_check.json").write_text('{"params.yaml": "valid"}\n')
     _git(repo, "init", "-q")
     _dvc(repo, "init", "-q")
     shutil.copy(ROOT / ".dvc/config", repo / ".dvc/config")

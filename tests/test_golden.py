@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -37,7 +38,8 @@ PARAMS = {
     "data": {"url": "tiny.tar.gz", "md5": None, "num_workers": 0},
     "model": {"name": "dilated_net"},
     "lr_find": {"start_lr": 1e-5, "end_lr": 10.0, "num_iter": 30},
-    "train": {"epochs": 2, "peak_epoch": 1, "batch_size": 50, "device": "cpu", "precision": "fp32"},
+    # A fixed max LR: on another CPU the range test's pick may move by a step, and training must not follow it.
+    "train": {"epochs": 2, "peak_epoch": 1, "batch_size": 50, "max_lr": 0.01, "device": "cpu", "precision": "fp32"},
     "report": {"misclassified": 4},
 }
 TEST_IMAGES = 60  # learnable_archive: 6 a class
@@ -109,10 +111,13 @@ def test_a_tiny_run_computes_what_the_golden_record_says(tmp_path):
         assert run == golden
         return
     one_image = 100 / TEST_IMAGES + 1e-6
-    assert run["suggested_lr"] == pytest.approx(golden["suggested_lr"], rel=1e-4)
-    assert run["range_test_raw_loss"] == pytest.approx(golden["range_test_raw_loss"], rel=1e-4)
+    step = (PARAMS["lr_find"]["end_lr"] / PARAMS["lr_find"]["start_lr"]) ** (1 / (PARAMS["lr_find"]["num_iter"] - 1))
+    assert golden["suggested_lr"] / step * 0.999 <= run["suggested_lr"] <= golden["suggested_lr"] * step * 1.001
+    # Up to the lowest loss: past it the loss diverges, and rounding differences grow without bound.
+    descent = int(np.argmin(golden["range_test_raw_loss"])) + 1
+    assert run["range_test_raw_loss"][:descent] == pytest.approx(golden["range_test_raw_loss"][:descent], rel=1e-3)
     for name, values in golden["epochs"].items():
-        tolerance = {"abs": one_image} if name.endswith("acc") else {"rel": 1e-4}
+        tolerance = {"abs": one_image} if name.endswith("acc") else {"rel": 1e-3}
         assert run["epochs"][name] == pytest.approx(values, **tolerance), name
     assert run["test_acc"] == pytest.approx(golden["test_acc"], abs=one_image)
     assert run["test_acc_flip_tta"] == pytest.approx(golden["test_acc_flip_tta"], abs=one_image)

@@ -145,9 +145,14 @@ def test_pick_device_refuses_a_missing_device():
         pick_device("cuda")
 
 
-def test_cpu_runtime_is_fp32_unless_bf16_is_asked_for():
+@pytest.mark.parametrize("hardware", [True, False])
+def test_auto_precision_on_a_cpu_is_bf16_with_bf16_hardware_and_fp32_without(monkeypatch, hardware):
+    monkeypatch.setattr("cifar_pipeline.runtime.cpu_has_native_bf16", lambda: hardware)
     runtime = make_runtime(TrainParams(device="cpu"))
-    assert runtime == Runtime(torch.device("cpu"), None, True)
+    assert runtime == Runtime(torch.device("cpu"), torch.bfloat16 if hardware else None, True)
+
+
+def test_cpu_runtime_precision_as_asked():
     runtime = make_runtime(TrainParams(device="cpu", precision="fp32", channels_last=False))
     assert runtime == Runtime(torch.device("cpu"), None, False)
     with warnings.catch_warnings():

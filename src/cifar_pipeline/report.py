@@ -178,9 +178,10 @@ def summary_markdown(
     """reports/summary.md: the run's numbers in words, readable on its own, with the pictures beside it."""
     epochs = ckpt["epoch"]
     if (best := metric(train_metrics, "best/val_acc")) is not None:
-        best_name = "Best validation accuracy (picks models/best.pt)"
+        best_name = "Best validation accuracy (picks models/best.pt; the train stage's evaluation, in its precision)"
     else:
-        best, best_name = metric(train_metrics, "best/test_acc"), "Best test accuracy (over all epochs)"
+        best_name = "Best test accuracy (over all epochs; the train stage's evaluation, in its precision)"
+        best = metric(train_metrics, "best/test_acc")
     best_epoch = metric(train_metrics, "best/epoch")
     train_acc = metric(train_metrics, "train/acc")
     if ckpt["max_lr_source"] == "lr-find":
@@ -200,7 +201,8 @@ def summary_markdown(
     known = [t for t in wall_times.values() if t is not None]
     total = "total" if len(known) == len(wall_times) else "total of the stages with a time"
     rows = [
-        f"| Final test accuracy (epoch {epochs}, models/model.pt) | **{pct(accuracy['test_acc'])}** "
+        f"| Final test accuracy (epoch {epochs}, models/model.pt, evaluated here in fp32) | "
+        f"**{pct(accuracy['test_acc'])}** "
         f"({accuracy['correct']:,} of {accuracy['total']:,}) |",
         f"| Final test accuracy with flip TTA (mean logits of each image and its mirror) | {flip_tta(accuracy)} |",
         f"| {best_name} | {pct(best)}" + (f" (epoch {best_epoch})" if best_epoch is not None else "") + " |",

@@ -109,11 +109,6 @@ def _as_collated(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor
     return batch
 
 
-def _as_collated(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """DataLoader's collate_fn for CifarDataset, whose __getitems__ builds the whole batch already."""
-    return batch
-
-
 def resolve_num_workers(setting: int | Literal["auto"]) -> int:
     """`data.num_workers` as a number: `auto` leaves one CPU to the training process, up to MAX_AUTO_WORKERS."""
     if setting == "auto":

@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from archives import CLASSES, learnable_archive
 from conftest import ROOT
@@ -357,6 +359,45 @@ def test_exp_run_with_a_number_skips_lr_find_and_trains_with_it(project):
     row = exp_rows(project)["lr-002"]
     assert row["params"]["train"]["max_lr"] == 0.02
     assert row["metrics"]["max_lr"] == pytest.approx(0.02)
+    restore(project)
+
+
+def test_an_exp_run_killed_in_train_resumes_on_the_next_exp_run(project):
+    """Before it runs, `dvc exp run` checks out the outputs dvc.lock records: an output of a stage that never
+    finished (no entry, as on a first run) is deleted, models/best.pt among them. The resumed run must continue after
+    its saved epoch and still end with its own best model."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    del lock["stages"]["train"], lock["stages"]["report"]  # as if train had never finished here
+    (project / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    args = ("exp", "run", "-n", "killed", "-S", "train.epochs=4")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill takes dvc and the stage's processes at once
+    )
+    state = project / ".resume/train.pt"
+    deadline = time.monotonic() + 600
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    saved = torch.load(state, weights_only=True)["epoch"]
+    assert saved in (1, 2, 3)
+
+    result = dvc(project, *args)
+    assert f"resuming after epoch {saved} of 4" in result.stdout, result.stdout
+    assert f"epoch {saved}/4" not in result.stdout and "epoch 4/4" in result.stdout
+    after = metrics(project)
+    best = torch.load(project / "models/best.pt", weights_only=True)
+    assert after["step"] == 4
+    assert (best["epoch"], best["test_acc"]) == (after["best"]["epoch"], after["best"]["test_acc"])
+    assert not state.exists()
+    assert exp_rows(project)["killed"]["metrics"]["step"] == 4
     restore(project)
 
 

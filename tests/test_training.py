@@ -419,7 +419,7 @@ def test_a_kill_while_an_epochs_files_are_written_resumes_from_the_epoch_before(
         run_fit(tmp_path / "cut", train, max_lr=0.01)
     monkeypatch.undo()
     assert torch.load(tmp_path / "cut/.resume/train.pt", weights_only=True)["epoch"] == 1
-    assert torch.load(tmp_path / "cut/models/best.pt", weights_only=True)["epoch"] == 2  # newer than the state
+    assert torch.load(tmp_path / "cut/.resume/best.pt", weights_only=True)["epoch"] == 2  # newer than the state
     assert not (tmp_path / "cut/models/model.pt").exists()
     capsys.readouterr()
 
@@ -487,17 +487,46 @@ def test_a_resume_state_from_other_params_is_discarded(tmp_path, monkeypatch, ca
     assert not (tmp_path / ".resume/train.pt").exists()
 
 
+@pytest.mark.parametrize("dvc_did", ["delete", "restore"])
+def test_a_resume_does_not_read_models_best_which_dvc_deletes_or_restores(tmp_path, monkeypatch, capsys, dvc_did):
+    """Before a rerun `dvc repro` deletes models/best.pt, and `dvc exp run` checks out the one dvc.lock records,
+    another run's: the resumed run must keep its own best epoch (kept in .resume/) and end as an uninterrupted one."""
+    train = TrainParams(epochs=3, peak_epoch=1, device="cpu")
+    seed_everything(0)
+    run_fit(tmp_path / "whole", train)
+    seed_everything(0)
+    run_fit(tmp_path / "other", TrainParams(epochs=1, peak_epoch=1, device="cpu"), max_lr=0.5)
+
+    seed_everything(0)
+    interrupt_in_epoch(monkeypatch, 3)
+    with pytest.raises(Interrupt):
+        run_fit(tmp_path / "cut", train)
+    monkeypatch.undo()
+    best = tmp_path / "cut/models/best.pt"
+    assert not best.exists()  # only the last epoch writes models/
+    if dvc_did == "restore":
+        best.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / "other/models/best.pt", best)
+    capsys.readouterr()
+
+    seed_everything(0)
+    run_fit(tmp_path / "cut", train, model=tiny_model(seed=123))
+    assert "resuming after epoch 2 of 3" in capsys.readouterr().out
+    assert list((tmp_path / "cut/.resume").iterdir()) == []  # the state and the best model are gone
+    assert_same_outputs(outputs(tmp_path / "whole"), outputs(tmp_path / "cut"))
+
+
 def test_a_resume_state_without_its_best_checkpoint_is_discarded(tmp_path, monkeypatch, capsys):
     train = TrainParams(epochs=2, peak_epoch=1, device="cpu")
     interrupt_in_epoch(monkeypatch, 2)
     with pytest.raises(Interrupt):
         run_fit(tmp_path, train)
     monkeypatch.undo()
-    (tmp_path / "models/best.pt").unlink()  # as `dvc repro` does to outputs that are not persistent
+    (tmp_path / ".resume/best.pt").unlink()
 
     run_fit(tmp_path, train)
     out = capsys.readouterr().out
-    assert "best.pt of the interrupted run is gone; starting afresh" in out and "resuming" not in out
+    assert ".resume/best.pt of the interrupted run is gone; starting afresh" in out and "resuming" not in out
     assert (tmp_path / "models/best.pt").is_file()
 
 

@@ -28,6 +28,9 @@ LR_FIND_TIME = Path("reports/lr_find_time.json")
 MODEL = Path("models/model.pt")
 BEST = Path("models/best.pt")
 RESUME = Path(".resume/train.pt")
+# The best epoch's model while the run is under way, beside the resume state: DVC owns models/ and may delete or
+# restore models/best.pt before a rerun (`dvc exp run` checks out the last recorded one), but never touches .resume/.
+RESUME_BEST = Path(".resume/best.pt")
 LIVE_DIR = Path("reports/train")  # DVCLive: metrics.json, plots/metrics/**.tsv, plots/custom/lr_schedule.json
 TRAIN_METRICS = LIVE_DIR / "metrics.json"
 TRAIN_SAMPLES = Path("reports/train_samples.png")

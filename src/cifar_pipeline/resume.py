@@ -70,8 +70,8 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 def load_resume_state(path: str | Path, expected_fingerprint: str, best_path: str | Path) -> dict[str, Any] | None:
     """The saved state of an interrupted run, or None when there is none or it cannot be continued: made with
-    other inputs, or its models/best.pt is gone (dvc.yaml must declare it `persist: true`, or `dvc repro` deletes
-    it before the rerun, and a best epoch from before the kill would never be written again)."""
+    other inputs, or the best epoch's model saved beside it (`best_path`) is gone, so that a best epoch from before
+    the kill would never be written again."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -86,5 +86,6 @@ def load_resume_state(path: str | Path, expected_fingerprint: str, best_path: st
     if reason:
         print(f"ignoring {path}: {reason}; starting afresh")
         path.unlink()
+        Path(best_path).unlink(missing_ok=True)
         return None
     return state

@@ -4,9 +4,10 @@ Outputs: models/model.pt (last epoch), models/best.pt (best test accuracy, or be
 data.val_size > 0), reports/train_samples.png, reports/augmentations.yaml, and DVCLive's reports/train/{metrics.json,
 plots/metrics/**.tsv, plots/custom/lr_schedule.json}.
 
-The resume state and models/best.pt are written by a background thread (checkpoint_writer.py): the training thread
-copies the tensors into buffers reused every epoch and goes on; it waits only if the last epoch's files are still
-being written. A kill during a write leaves the previous files in place (each is renamed into place whole), so the
+The resume state and the best epoch's model are written by a background thread (checkpoint_writer.py), both under
+.resume/ (DVC may delete or replace models/best.pt before a rerun) until the last epoch, when the best model moves to
+models/best.pt. The training thread copies the tensors into buffers reused every epoch and goes on; it waits only
+if the last epoch's files are still being written. A kill during a write leaves the previous files in place (each is renamed into place whole), so the
 rerun resumes from the epoch before, with the same result.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -170,7 +172,7 @@ def fit(
     # The weights' names and shapes join the fingerprint: a state saved by an edited model is not loadable.
     shapes = [(name, tuple(value.shape)) for name, value in model.state_dict().items()]
     run_fingerprint = hashlib.sha256(f"{run_fingerprint}{shapes}".encode()).hexdigest()
-    state = load_resume_state(root / paths.RESUME, run_fingerprint, root / paths.BEST)
+    state = load_resume_state(root / paths.RESUME, run_fingerprint, root / paths.RESUME_BEST)
     if state is not None:
         for name, part in parts.items():
             part.load_state_dict(state[name])
@@ -225,14 +227,18 @@ def fit(
                     "wall_time_s": wall_time_s,
                     "rng": rng_states(),
                 }
-                # best.pt first: a resume state on disk never names a best epoch that best.pt does not hold yet.
-                best_file = [(root / paths.BEST, checkpoint(snapshot, record, loss))] if improved else []
+                # The best model first: a resume state on disk never names a best epoch that it does not hold yet.
+                best_file = [(root / paths.RESUME_BEST, checkpoint(snapshot, record, loss))] if improved else []
                 writer.write([*best_file, (root / paths.RESUME, resume_state)])
             else:
                 writer.wait()
                 final = tensors()
                 if improved:
                     save_plain(root / paths.BEST, checkpoint(final, record, loss))
+                    (root / paths.RESUME_BEST).unlink(missing_ok=True)
+                else:
+                    (root / paths.BEST).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(root / paths.RESUME_BEST, root / paths.BEST)  # same file system: atomic
                 save_plain(root / paths.MODEL, checkpoint(final, record, loss))
                 live.log_metric("wall_time_s", round(wall_time_s, 3), plot=False)
     finally:

@@ -7,8 +7,8 @@ plots/metrics/**.tsv, plots/custom/lr_schedule.json}.
 The resume state and the best epoch's model are written by a background thread (checkpoint_writer.py), both under
 .resume/ (DVC may delete or replace models/best.pt before a rerun) until the last epoch, when the best model moves to
 models/best.pt. The training thread copies the tensors into buffers reused every epoch and goes on; it waits only
-if the last epoch's files are still being written. A kill during a write leaves the previous files in place (each is renamed into place whole), so the
-rerun resumes from the epoch before, with the same result.
+if the last epoch's files are still being written. A kill during a write leaves the previous files in place (each
+is renamed into place whole), so the rerun resumes from the epoch before, with the same result.
 """
 
 from __future__ import annotations

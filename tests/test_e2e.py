@@ -11,6 +11,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -428,6 +429,57 @@ def test_queued_sweep_runs_both_and_can_be_compared_applied_and_branched(project
     dvc(project, "exp", "branch", names[0], "lr-001")
     shown = run(project, "git", "show", "lr-001:params.yaml").stdout
     assert yaml.safe_load(shown)["train"]["max_lr"] == 0.01
+    restore(project)
+
+
+def report_accuracies(project: Path) -> dict[str, tuple[str, int, float | None]]:
+    """DVC's own view of every experiment: {name: (state, seed, the report's test_acc)}. A failed one carries its
+    baseline's metrics files."""
+    found = {}
+    for commit in json.loads(dvc(project, "exp", "show", "--json").stdout):
+        for branch in commit.get("experiments") or []:
+            for exp in branch["revs"]:
+                data = exp.get("data") or {}
+                seed = data["params"]["params.yaml"]["data"]["seed"]
+                acc = data.get("metrics", {}).get("reports/per_class.json", {}).get("data", {}).get("test_acc")
+                found[exp["name"]] = ((branch.get("executor") or {}).get("state", "success"), seed, acc)
+    return found
+
+
+def test_cifar_results_gives_a_seed_sweep_its_spread_and_lists_a_failed_run(project, tmp_path):
+    # The README's seed sweep (hydra's range: 1, 2), and a run that fails at check-params.
+    dvc(project, "exp", "run", "--queue", "-S", "seed=range(1,3)", "-S", "train.max_lr=0.015")
+    dvc(project, "exp", "run", "--queue", "-n", "broken", "-S", "seed=9", "-S", "model.name=vgg")
+    dvc(project, "queue", "start", "-j", "1")
+    deadline = time.monotonic() + 600
+    while re.search(r"\b(Queued|Running)\b", status := dvc(project, "queue", "status").stdout):
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    assert "Failed" in status, status
+
+    seen = report_accuracies(project)
+    sweep = sorted(acc for state, seed, acc in seen.values() if seed in (1, 2) and state == "success")
+    assert len(sweep) == 2 and None not in sweep, seen
+    out = tmp_path / "results"
+    result = run(project, "cifar-results", "--target", str(sweep[1]), "--out", str(out))
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert result.stdout.startswith((tmp_path / "results.md").read_text())
+
+    group = next(g for g in document["groups"] if g["params"]["train.max_lr"] == 0.015)
+    assert group["n"] == 2 and sorted(r["seed"] for r in group["runs"]) == [1, 2]
+    acc = group["test_acc"]
+    assert acc["mean"] == pytest.approx(statistics.mean(sweep), abs=1e-4)
+    assert acc["std"] == pytest.approx(statistics.stdev(sweep), abs=1e-4)
+    assert (acc["min"], acc["max"]) == (sweep[0], sweep[-1])
+    assert group["reached_target"] == 1 + (sweep[0] == sweep[1])  # the target is the better run's accuracy
+    assert group["train_time_s"]["n"] == 2 and group["test_acc_flip_tta"]["n"] == 2
+    assert "seed" not in group["params"] and group["params"]["train.max_lr"] == 0.015
+    # Every other finished experiment of this module is in a group of its own params (max LR 0.02, 0.01, ...).
+    assert sum(g["n"] for g in document["groups"]) == sum(state == "success" for state, _, _ in seen.values())
+
+    broken = [run for run in document["failed"] if run["seed"] == 9]
+    assert len(broken) == 1 and broken[0]["state"] == "failed", document["failed"]
+    assert "- broken (seed 9, model.name=vgg" in result.stdout and "dvc queue logs broken" in result.stdout
     restore(project)
 
 

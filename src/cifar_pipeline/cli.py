@@ -1,4 +1,5 @@
-"""The commands installed with the package: `cifar-predict` and `cifar-export` (see README: Using the model).
+"""The commands installed with the package: `cifar-predict` and `cifar-export` (see README: Using the model), and
+`cifar-results` (README: Results with their spread).
 
 Exit status of cifar-predict: 0 when every image got an answer; 1 when some inputs could not be read (each named on
 stderr in one line; the others are still answered); 2 when nothing could be done (bad checkpoint or arguments).
@@ -112,3 +113,62 @@ def _export(argv: Sequence[str] | None) -> None:
 
 def export_main(argv: Sequence[str] | None = None) -> None:
     run_stage(lambda: _export(argv))
+
+
+def results_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cifar-results",
+        description="The experiments of this project (`dvc exp show --json`) grouped by every param but the seed: n, "
+        "mean, standard deviation, min and max of the test accuracy (plain and flip TTA) and the train time, and how "
+        "many runs reached the target. Failed and unfinished experiments are listed.",
+    )
+    parser.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit, not only HEAD")
+    parser.add_argument(
+        "--from-json", metavar="FILE", help="read a saved `dvc exp show --json` output instead of running it"
+    )
+    parser.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="another param to group across, as seed is (dotted, e.g. data.num_workers); repeatable",
+    )
+    parser.add_argument(
+        "--target",
+        type=float,
+        help="accuracy in %% to count runs against (default: 90 for custom_resnet, 85 for dilated_net, the mission's)",
+    )
+    parser.add_argument(
+        "--out",
+        default="reports/results",
+        metavar="PREFIX",
+        help="writes PREFIX.md and PREFIX.json (default reports/results)",
+    )
+    return parser
+
+
+def _results(argv: Sequence[str] | None) -> None:
+    from pathlib import Path
+
+    from cifar_pipeline.atomic import write_json, write_text
+    from cifar_pipeline.errors import PipelineError
+    from cifar_pipeline.results import DEFAULT_IGNORED, collect_runs, exp_show_json, markdown, summarise
+
+    args = results_parser().parse_args(argv)
+    if args.from_json:
+        try:
+            exp_show = json.loads(Path(args.from_json).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PipelineError(f"--from-json {args.from_json}: cannot read it as JSON ({exc})") from exc
+    else:
+        exp_show = exp_show_json(args.all_commits)
+    document = summarise(collect_runs(exp_show), (*DEFAULT_IGNORED, *args.ignore), args.target)
+    text = markdown(document)
+    write_text(f"{args.out}.md", text)
+    write_json(f"{args.out}.json", document)
+    print(text, end="")
+    print(f"wrote {args.out}.md and {args.out}.json")
+
+
+def results_main(argv: Sequence[str] | None = None) -> None:
+    run_stage(lambda: _results(argv))

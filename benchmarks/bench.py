@@ -188,7 +188,7 @@ def notebook_steps(steps: int, model, images, labels, optimizer) -> None:
 
 def notebook_model(setup: Setup) -> nn.Module:
     torch.manual_seed(setup.params.seed)
-    return build_model(setup.params.model.name, **setup.params.model.kwargs()).to(setup.device)
+    return build_model(setup.params.model.name, **setup.params.model.kwargs(10)).to(setup.device)
 
 
 # --- the measurements ------------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def train_baseline(setup: Setup) -> dict[str, Any]:
 
 def train_ours(setup: Setup, backend: str, runtime: Runtime, compiled: bool = False) -> dict[str, Any]:
     params = setup.params
-    model = new_model(params.model, params.seed, runtime)
+    model = new_model(params.model, params.seed, runtime, 10)
     optimizer = make_optimizer(model, LR, params.train.weight_decay, runtime)
     scheduler, scaler = one_cycle(optimizer, setup), make_scaler(runtime)
     step_model = torch.compile(model) if compiled else model
@@ -254,7 +254,7 @@ def step_rows(setup: Setup, runtimes: list[tuple[Runtime, bool]]) -> list[dict[s
     rows = [row("step", "baseline step", size, seconds, "fp32 NCHW, .item() per step")]
 
     for runtime, compiled in runtimes:
-        model = new_model(setup.params.model, setup.params.seed, runtime)
+        model = new_model(setup.params.model, setup.params.seed, runtime, 10)
         step_model = torch.compile(model) if compiled else model
         optimizer = make_optimizer(model, LR, 0.0, runtime)
         scaler, loss_fn = make_scaler(runtime), nn.CrossEntropyLoss()
@@ -297,7 +297,7 @@ def eval_rows(setup: Setup) -> list[dict[str, Any]]:
     notebook_eval(model, loader, setup.device)
     seconds = best_time(setup, notebook_eval, model, loader, setup.device)
     rows = [row("eval", BASELINE, len(setup.images), seconds, "fp32 NCHW, .item() per batch")]
-    model = new_model(setup.params.model, setup.params.seed, setup.runtime)
+    model = new_model(setup.params.model, setup.params.seed, setup.runtime, 10)
     for backend in ("albumentations", "gpu"):
         loader = make_eval_loader(
             setup.images,
@@ -357,7 +357,7 @@ def dense_gflop_per_s(setup: Setup, dtype: torch.dtype, size: int = 4096, repeat
 def ceiling_rows(setup: Setup) -> list[dict[str, Any]]:
     """One row per precision the device has hardware for. On CUDA, cuDNN runs fp32 convs as TF32 by default, so a
     fp32 step may pass the fp32 (true fp32 matmul) ceiling there."""
-    model = build_model(setup.params.model.name, **setup.params.model.kwargs())
+    model = build_model(setup.params.model.name, **setup.params.model.kwargs(10))
     gflop = train_gflop_per_image(model)
     if setup.device.type == "cuda":
         has_bf16 = torch.cuda.is_bf16_supported()

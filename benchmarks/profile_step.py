@@ -43,7 +43,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, 32, 32, generator=generator)
     labels = torch.randint(0, 10, (batch_size,), generator=generator)
-    model = new_model(model_params, params.seed, runtime)
+    model = new_model(model_params, params.seed, runtime, 10)
     optimizer = make_optimizer(model, 1e-3, train.weight_decay, runtime)
     step = (model, *runtime.to_device(images, labels), optimizer, nn.CrossEntropyLoss(), make_scaler(runtime), runtime)
     for _ in range(2):  # first kernels, allocator, cudnn.benchmark's search

@@ -1,4 +1,5 @@
-"""Tiny CIFAR-10 archives for tests, in both layouts the download stage reads.
+"""Tiny dataset archives for tests, in every layout the download stage reads (CIFAR-10 pickles, CIFAR-100 pickles,
+image folders of any classes).
 
 Each builder writes a .tar.gz and returns {'train': (images, labels), 'test': (images, labels)}: exactly the
 arrays, in exactly the order, the download stage must produce from it. Import it from a test:
@@ -19,9 +20,9 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 Arrays = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
-def random_split(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """n random RGB images with every class present (n >= 10), labels shuffled."""
-    labels = rng.permutation(np.arange(n) % len(CLASSES)).astype(np.int64)
+def random_split(n: int, rng: np.random.Generator, classes: int = len(CLASSES)) -> tuple[np.ndarray, np.ndarray]:
+    """n random RGB images with every class present (n >= classes), labels shuffled."""
+    labels = rng.permutation(np.arange(n) % classes).astype(np.int64)
     return rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8), labels
 
 
@@ -81,17 +82,20 @@ def py2_pickle(obj) -> bytes:
     return b"\x80\x02" + dump(obj) + b"."
 
 
-def pickle_batch(images: np.ndarray, labels: np.ndarray) -> bytes:
-    """One batch file: rows of 1024 red, 1024 green, 1024 blue values, as in the official archive."""
+def pickle_batch(images: np.ndarray, labels: np.ndarray, **other_labels: np.ndarray) -> bytes:
+    """One batch file: rows of 1024 red, 1024 green, 1024 blue values, as in the official archive. CIFAR-100's
+    files name their labels fine_labels and coarse_labels: pass labels=None and those as keywords."""
     data = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).reshape(len(images), 3072)
-    return py2_pickle(
-        {
-            b"batch_label": b"test batch",
-            b"labels": [int(x) for x in labels],
-            b"data": data,
-            b"filenames": [f"img_{i}.png".encode() for i in range(len(labels))],
-        }
-    )
+    batch = {
+        b"batch_label": b"test batch",
+        b"data": data,
+        b"filenames": [f"img_{i}.png".encode() for i in range(len(images))],
+    }
+    if labels is not None:
+        batch[b"labels"] = [int(x) for x in labels]
+    for key, values in other_labels.items():
+        batch[key.encode()] = [int(x) for x in values]
+    return py2_pickle(batch)
 
 
 def make_pickle_archive(
@@ -109,6 +113,34 @@ def make_pickle_archive(
     return {"train": train, "test": test}
 
 
+def cifar100_names(n: int, kind: str) -> list[str]:
+    return [f"{kind}_{i:03d}" for i in range(n)]
+
+
+def make_cifar100_archive(path: str | Path, n_train: int = 200, n_test: int = 100, seed: int = 0) -> dict:
+    """The official CIFAR-100 python layout: cifar-100-python/{train,test,meta}, 100 fine classes each in one of
+    20 coarse ones (fine label i is in coarse class i % 20). Returns {'fine'|'coarse': (arrays, class names)}."""
+    rng = np.random.default_rng(seed)
+    fine_names, coarse_names = cifar100_names(100, "fine"), cifar100_names(20, "coarse")
+    meta = {
+        b"fine_label_names": [c.encode() for c in fine_names],
+        b"coarse_label_names": [c.encode() for c in coarse_names],
+    }
+    files = {"cifar-100-python/meta": py2_pickle(meta)}
+    fine: Arrays = {}
+    palette = rng.integers(30, 225, size=(100, 3))
+    for split, n in (("train", n_train), ("test", n_test)):
+        _, labels = random_split(n, rng, classes=100)
+        # Each fine class a colour plus noise, as learnable_archive: a tiny model can learn it in a few steps.
+        images = np.clip(palette[labels][:, None, None, :] + rng.normal(0, 25, size=(n, 32, 32, 3)), 0, 255)
+        images = images.astype(np.uint8)
+        files[f"cifar-100-python/{split}"] = pickle_batch(images, None, fine_labels=labels, coarse_labels=labels % 20)
+        fine[split] = images, labels
+    write_tar(path, files)
+    coarse = {split: (images, labels % 20) for split, (images, labels) in fine.items()}
+    return {"fine": (fine, fine_names), "coarse": (coarse, coarse_names)}
+
+
 # --- the image-folder layout ----------------------------------------------------------------------------------
 
 
@@ -119,19 +151,26 @@ def encode_image(image: np.ndarray, ext: str = "png") -> bytes:
 
 
 def image_folder_files(
-    per_class_train: int = 2, per_class_test: int = 1, seed: int = 0, top_dir: str = "CIFAR-10-images", ext: str = "png"
+    per_class_train: int = 2,
+    per_class_test: int = 1,
+    seed: int = 0,
+    top_dir: str = "CIFAR-10-images",
+    ext: str = "png",
+    classes: tuple[str, ...] = CLASSES,
 ) -> tuple[dict[str, bytes], Arrays]:
     """({member name: bytes}, arrays) of [top_dir/]{train,test}/<class>/NNNN.<ext>, before any tar is written.
 
-    The arrays are the decoded files (JPEG is lossy), sorted by class and then file name.
+    The arrays are the decoded files (JPEG is lossy), sorted by class and then file name; `classes` must be given
+    in sorted order, the label order the download stage gives them.
     """
+    assert list(classes) == sorted(classes), "labels follow the sorted folder names"
     rng = np.random.default_rng(seed)
     prefix = f"{top_dir}/" if top_dir else ""
     files: dict[str, bytes] = {}
     arrays: Arrays = {}
     for split, per_class in (("train", per_class_train), ("test", per_class_test)):
         images, labels = [], []
-        for label, cls in enumerate(CLASSES):
+        for label, cls in enumerate(classes):
             for i in range(per_class):
                 data = encode_image(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8), ext)
                 files[f"{prefix}{split}/{cls}/{i:04d}.{ext}"] = data
@@ -148,9 +187,10 @@ def make_image_folder_archive(
     seed: int = 0,
     top_dir: str = "CIFAR-10-images",
     ext: str = "png",
+    classes: tuple[str, ...] = CLASSES,
 ) -> Arrays:
     """The image-folder layout, members written in a shuffled order (the reader must sort them itself)."""
-    files, arrays = image_folder_files(per_class_train, per_class_test, seed, top_dir, ext)
+    files, arrays = image_folder_files(per_class_train, per_class_test, seed, top_dir, ext, classes)
     names = list(files)
     np.random.default_rng(seed).shuffle(names)
     write_tar(path, {name: files[name] for name in names})
@@ -160,13 +200,15 @@ def make_image_folder_archive(
 # --- a learnable set: each class a colour plus noise ----------------------------------------------------------
 
 
-def learnable_archive(path: Path, per_class_train: int = 20, per_class_test: int = 6) -> None:
+def learnable_archive(
+    path: Path, per_class_train: int = 20, per_class_test: int = 6, classes: tuple[str, ...] = CLASSES
+) -> None:
     """An image-folder archive whose classes differ by colour, so a model can learn them in a few steps."""
     rng = np.random.default_rng(0)
-    palette = rng.integers(30, 225, size=(len(CLASSES), 3))
+    palette = rng.integers(30, 225, size=(len(classes), 3))
     files = {}
     for split, per_class in (("train", per_class_train), ("test", per_class_test)):
-        for label, cls in enumerate(CLASSES):
+        for label, cls in enumerate(classes):
             for i in range(per_class):
                 noise = rng.normal(0, 25, size=(32, 32, 3))
                 image = np.clip(palette[label] + noise, 0, 255).astype(np.uint8)

@@ -23,6 +23,7 @@ from archives import (
     add_file,
     encode_image,
     image_folder_files,
+    make_cifar100_archive,
     make_image_folder_archive,
     make_pickle_archive,
     pickle_batch,
@@ -34,6 +35,7 @@ from conftest import ROOT
 from cifar_pipeline.download import download, download_url, load_pickle
 from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.params import DataParams
+from cifar_pipeline.predict import read_image
 from cifar_pipeline.splits import load_split
 from cifar_pipeline.stats import compute_stats
 
@@ -92,6 +94,62 @@ def test_image_folder_layout_sorted_by_class_then_name(tmp_path, top_dir, ext):
     assert assert_output(tmp_path / "cifar10", arrays)["layout"] == "image_folder"
     assert meta["counts"] == {"train": 30, "test": 20}
     assert np.all(np.diff(arrays["train"][1]) >= 0)  # the helper's order is the documented one
+
+
+def test_an_image_folder_of_any_classes_takes_them_from_its_folder_names_in_sorted_order(tmp_path):
+    classes = ("Zebra", "ant", "bee")  # sorted() order: upper case first
+    files, arrays = image_folder_files(per_class_train=2, per_class_test=1, top_dir="", classes=classes)
+    write_tar(tmp_path / "mine.tar.gz", {name: files[name] for name in reversed(files)})
+    meta = download(str(tmp_path / "mine.tar.gz"), None, tmp_path / "cifar10")
+    assert meta["classes"] == ["Zebra", "ant", "bee"] and meta["layout"] == "image_folder"
+    assert meta["class_counts"] == {"train": {"Zebra": 2, "ant": 2, "bee": 2}, "test": {"Zebra": 1, "ant": 1, "bee": 1}}
+    for split, (images, labels) in arrays.items():
+        with np.load(tmp_path / "cifar10" / f"{split}.npz") as npz:
+            np.testing.assert_array_equal(npz["images"], images)
+            np.testing.assert_array_equal(npz["labels"], labels)
+    assert meta["converted_to_32x32_rgb"] == 0 and meta["skipped_files"] == []
+
+
+def test_images_of_another_size_or_mode_become_32x32_rgb_as_cifar_predict_makes_them(tmp_path):
+    big = np.random.default_rng(0).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    files, _ = image_folder_files(per_class_train=1, per_class_test=1, top_dir="top", classes=("a", "b"))
+    files |= {
+        "top/train/a/big.jpg": encode_image(big, "jpg"),
+        "top/train/b/grey.png": encode_image(np.full((32, 32), 200, np.uint8)),
+        "top/test/a/rgba.png": encode_image(np.zeros((32, 32, 4), np.uint8)),
+        "top/train/a/notes.txt": b"not an image",
+        "top/test/b/.DS_Store": b"junk",
+    }
+    write_tar(tmp_path / "mixed.tar.gz", files)
+    meta = download(str(tmp_path / "mixed.tar.gz"), None, tmp_path / "cifar10")
+    assert meta["converted_to_32x32_rgb"] == 3
+    assert meta["skipped_files"] == ["top/test/b/.DS_Store", "top/train/a/notes.txt"]
+    assert meta["counts"] == {"train": 4, "test": 3}
+    with np.load(tmp_path / "cifar10/train.npz") as npz:
+        images = npz["images"]
+    assert images.shape == (4, 32, 32, 3)
+    (tmp_path / "big.jpg").write_bytes(files["top/train/a/big.jpg"])
+    np.testing.assert_array_equal(images[1], read_image(tmp_path / "big.jpg"))  # a/0000.png, a/big.jpg, b/...
+    assert (images[3] == 200).all()  # grey to RGB
+
+
+@pytest.mark.parametrize("labels", ["fine", "coarse"])
+def test_the_cifar100_archive_with_fine_or_coarse_labels(tmp_path, labels):
+    made = make_cifar100_archive(tmp_path / "cifar-100-python.tar.gz", n_train=200, n_test=100)
+    arrays, names = made[labels]
+    meta = download(str(tmp_path / "cifar-100-python.tar.gz"), None, tmp_path / "cifar10", labels=labels)
+    assert meta["layout"] == "cifar100" and meta["labels"] == labels and meta["classes"] == names
+    assert len(names) == {"fine": 100, "coarse": 20}[labels]
+    for split, (images, split_labels) in arrays.items():
+        with np.load(tmp_path / "cifar10" / f"{split}.npz") as npz:
+            np.testing.assert_array_equal(npz["images"], images)
+            np.testing.assert_array_equal(npz["labels"], split_labels)
+
+
+def test_coarse_labels_need_the_cifar100_archive(tmp_path, pickle_archive):
+    with pytest.raises(PipelineError, match="data.labels = 'coarse' applies to the CIFAR-100 archive only"):
+        download(str(pickle_archive[0]), None, tmp_path / "cifar10", labels="coarse")
+    assert not (tmp_path / "cifar10").exists()
 
 
 def test_a_relative_path_is_taken_from_the_project_root(tmp_path, pickle_archive):
@@ -300,6 +358,18 @@ def _pickle_archive(tmp_path, **batches) -> Path:
     return write_tar(tmp_path / "bad.tar.gz", files)
 
 
+def _cifar100(tmp_path, **replaced) -> Path:
+    make_cifar100_archive(tmp_path / "good.tar.gz", n_train=100, n_test=100)
+    with tarfile.open(tmp_path / "good.tar.gz") as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    for name, data in replaced.items():
+        if data is None:
+            del files[f"cifar-100-python/{name}"]
+        else:
+            files[f"cifar-100-python/{name}"] = data
+    return write_tar(tmp_path / "bad.tar.gz", files)
+
+
 def _truncated(tmp_path):
     make_pickle_archive(tmp_path / "good.tar.gz", n_train=20, n_test=10)
     data = (tmp_path / "good.tar.gz").read_bytes()
@@ -328,37 +398,51 @@ BAD_ARCHIVES = {
     "plain tar": (_plain_tar, "not a readable .tar.gz archive"),
     "neither layout": (
         lambda t: write_tar(t / "bad.tar.gz", {"readme.txt": b"hi", "pics/cat.png": GRAY}),
-        r"not a CIFAR-10 archive: expected .* \(found: pics/cat.png\)",
+        r"not a dataset archive this pipeline reads: expected .* \(found: pics/cat.png\)",
     ),
     "both layouts": (
         lambda t: _image_folder(t, change={"top/cifar-10-batches-py/test_batch": b"x"}),
-        "both CIFAR-10 pickle batches and train/test image folders",
+        "holds CIFAR-10 pickle batches and train/test image folders: ambiguous",
     ),
-    "missing split": (lambda t: _image_folder(t, drop="top/test/"), "no test/<class>/ images"),
-    "missing class": (lambda t: _image_folder(t, drop="top/train/truck/"), "train/ has no images of class truck"),
-    "unknown class": (
+    "missing split": (lambda t: _image_folder(t, drop="top/test/"), "no top/test/<class>/ folders"),
+    "class missing from test": (
+        lambda t: _image_folder(t, drop="top/test/truck/"),
+        "train/ and test/ must hold the same class folders: only in train/: truck$",
+    ),
+    "class only in train": (
         lambda t: _image_folder(t, change={"top/train/kitten/0000.png": SMALL}),
-        "unknown class folders in the archive: train/kitten; expected airplane,",
+        "same class folders: only in train/: kitten$",
+    ),
+    "different class sets": (
+        lambda t: _image_folder(t, drop="top/train/cat/", change={"top/train/kitten/0000.png": SMALL}),
+        "same class folders: only in train/: kitten; only in test/: cat$",
+    ),
+    "empty class": (
+        lambda t: _image_folder(t, change={"top/train/zebra/notes.txt": b"hi", "top/test/zebra/0000.gif": b"GIF8"}),
+        "class folders without a PNG or JPEG image: top/train/zebra/, top/test/zebra/$",
+    ),
+    "one class": (
+        lambda t: write_tar(t / "bad.tar.gz", {"train/cat/0.png": SMALL, "test/cat/0.png": SMALL}),
+        r"needs at least 2 class folders; train/ has \['cat'\]",
     ),
     "two top folders": (
         lambda t: _image_folder(t, change={"other/train/cat/0000.png": SMALL}),
         "several top-level folders of the archive: other, top",
     ),
-    "grayscale": (
-        lambda t: _image_folder(t, change={"top/train/cat/0000.png": GRAY}),
-        "top/train/cat/0000.png: expected a 32x32 RGB image, got 32x32 L",
-    ),
-    "rgba": (
-        lambda t: _image_folder(t, change={"top/test/dog/0000.png": RGBA}),
-        "top/test/dog/0000.png: expected a 32x32 RGB image, got 32x32 RGBA",
-    ),
-    "wrong size": (
-        lambda t: _image_folder(t, change={"top/train/cat/0000.png": SMALL}),
-        "expected a 32x32 RGB image, got 28x28 RGB",
-    ),
     "corrupt image": (
         lambda t: _image_folder(t, change={"top/train/cat/0000.png": b"\x89PNG garbage"}),
         "top/train/cat/0000.png: cannot decode the image",
+    ),
+    "cifar-100 without meta": (lambda t: _cifar100(t, meta=None), "cifar-100-python/ lacks meta: incomplete CIFAR-100"),
+    "cifar-100 labels out of range": (
+        lambda t: _cifar100(
+            t, test=pickle_batch(np.zeros((2, 32, 32, 3), np.uint8), None, fine_labels=[3, 100], coarse_labels=[0, 1])
+        ),
+        "test labels outside 0..99",
+    ),
+    "cifar-100 without fine labels": (
+        lambda t: _cifar100(t, test=pickle_batch(np.zeros((2, 32, 32, 3), np.uint8), [1, 2])),
+        "cifar-100-python/test: 'fine_labels' is not a list of 2 integers",
     ),
     "missing batch": (lambda t: _pickle_archive(t, data_batch_3=None), "lacks data_batch_3: incomplete"),
     "batch of the wrong shape": (
@@ -369,7 +453,7 @@ BAD_ARCHIVES = {
         lambda t: _pickle_archive(t, test_batch=pickle_batch(np.zeros((2, 32, 32, 3), np.uint8), [3, 10])),
         "test labels outside 0..9",
     ),
-    "not a pickle": (lambda t: _pickle_archive(t, data_batch_2=b"hello"), "data_batch_2: not a valid CIFAR-10 batch"),
+    "not a pickle": (lambda t: _pickle_archive(t, data_batch_2=b"hello"), "data_batch_2: not a valid CIFAR batch"),
     "other label names": (
         lambda t: _pickle_archive(t, **{"batches.meta": py2_pickle({b"label_names": [b"apple", b"pear"]})}),
         "label_names .* are not the CIFAR-10 classes",
@@ -401,7 +485,7 @@ def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path):
     sentinel = tmp_path / "pwned"
     payload = pickle.dumps({b"data": _RunsCode(f"touch {shlex.quote(str(sentinel))}")}, protocol=4)
     archive = _pickle_archive(tmp_path, data_batch_1=payload)
-    with pytest.raises(PipelineError, match=r"data_batch_1: not a valid CIFAR-10 batch.*refusing to load posix.system"):
+    with pytest.raises(PipelineError, match=r"data_batch_1: not a valid CIFAR batch.*refusing to load posix.system"):
         download(str(archive), None, tmp_path / "cifar10")
     assert not sentinel.exists()
     with pytest.raises(PipelineError, match="refusing to load builtins.eval"):
@@ -451,7 +535,8 @@ def test_download_stage_script_end_to_end(tmp_path, pickle_archive):
     (tmp_path / "params.yaml").write_text(f"data:\n  url: {path}\n  md5: {md5_of(path)}\n")
     result = run_stage("download.py", tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "data/cifar10: 50 train, 20 test images (pickle layout" in result.stdout
+    assert "data/cifar10: 50 train, 20 test images of 10 classes (airplane, automobile, " in result.stdout
+    assert "); pickle layout, md5 " in result.stdout
     assert_output(tmp_path / "data" / "cifar10", arrays)
     assert json.loads((tmp_path / "reports/download_time.json").read_text())["wall_time_s"] > 0
 

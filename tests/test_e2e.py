@@ -228,7 +228,11 @@ def test_model_registry_serves_the_trained_model_by_name_and_version(project, tm
     # What DVC Studio's registry reads: the artifact declared in dvc.yaml, with its type, description and labels.
     declared = Repo(str(project)).artifacts.read()["dvc.yaml"]["cifar10-classifier"]
     assert declared.path == "models/model.pt" and declared.type == "model"
-    assert "CIFAR-10" in declared.desc and {"cifar10", "pytorch"} <= set(declared.labels)
+    assert (
+        "CIFAR-10" in declared.desc
+        and "your own image folders" in declared.desc
+        and {"cifar10", "pytorch"} <= set(declared.labels)
+    )
 
     registered = run(project, "gto", "register", "cifar10-classifier", "--version", "v1.0.0")
     assert "cifar10-classifier@v1.0.0" in registered.stdout + registered.stderr

@@ -84,7 +84,7 @@ def test_dropout_probability_comes_from_the_constructor(name):
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_default_models_add_no_dropout_noise_in_training(name):
     """Dropout is off by default (it cost dilated_net 1.8 points and a third of its CPU speed in 24 epochs)."""
-    model = build_model(name, **ModelParams(name=name).kwargs()).train()
+    model = build_model(name, **ModelParams(name=name).kwargs(10)).train()
     x = torch.randn(4, 3, 32, 32)
     torch.manual_seed(0)
     first = model(x)
@@ -139,11 +139,13 @@ def test_registry_rejects_an_unknown_name_and_lists_the_known_ones():
 
 
 def test_model_kwargs_pick_the_arguments_of_the_chosen_model():
-    assert ModelParams(name="custom_resnet", dropout=0.1, downsample="dilation").kwargs() == {"dropout": 0.1}
-    chosen = ModelParams(name="dilated_net", dropout=0.2, downsample="dilation").kwargs()
-    assert chosen == {"dropout": 0.2, "downsample": "dilation"}
+    resnet = ModelParams(name="custom_resnet", dropout=0.1, downsample="dilation").kwargs(10)
+    assert resnet == {"dropout": 0.1, "num_classes": 10}
+    chosen = ModelParams(name="dilated_net", dropout=0.2, downsample="dilation").kwargs(7)
+    assert chosen == {"dropout": 0.2, "downsample": "dilation", "num_classes": 7}
     model = build_model("dilated_net", **chosen)
     assert all(conv.stride == (1, 1) for conv in convs(model))
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 7)  # the head has one output per class
 
 
 def test_params_validate_without_torch():

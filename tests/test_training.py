@@ -180,7 +180,7 @@ def test_cpu_bf16_step_matches_fp32_closely_and_leaves_fp32_weights():
     losses = {}
     for dtype in (None, torch.bfloat16):
         runtime = Runtime(torch.device("cpu"), dtype, True)
-        model = engine.new_model(ModelParams(name="dilated_net"), 0, runtime)
+        model = engine.new_model(ModelParams(name="dilated_net"), 0, runtime, 10)
         optimizer = engine.make_optimizer(model, 1e-3, 0.0, runtime)
         loss, logits = engine.train_step(
             model,

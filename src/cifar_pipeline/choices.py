@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+Cifar100Labels = Literal["fine", "coarse"]  # data.labels: CIFAR-100's 100 fine classes or 20 superclasses
 ModelName = Literal["custom_resnet", "dilated_net"]
 Downsample = Literal["stride", "dilation"]  # dilated_net: how C1-C3 end (a strided conv, or a dilated one)
 Backend = Literal["auto", "albumentations", "gpu"]  # augment.backend
@@ -16,6 +17,7 @@ Device = Literal["auto", "cpu", "cuda", "mps"]  # train.device, cifar-predict --
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # train.precision
 CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]  # or false
 
+CIFAR100_LABELS: tuple[str, ...] = get_args(Cifar100Labels)
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 DOWNSAMPLE_MODES: tuple[str, ...] = get_args(Downsample)
 BACKENDS: tuple[str, ...] = get_args(Backend)

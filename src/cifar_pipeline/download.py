@@ -1,9 +1,17 @@
-"""The download stage: fetch the CIFAR-10 archive, check it, and write data/cifar10/{train,test}.npz + meta.json.
+"""The download stage: fetch the dataset's archive, check it, and write data/cifar10/{train,test}.npz + meta.json.
 
 The archive may be a URL (official host or a mirror), a file:// URL or a local path. Its layout is detected
-from its contents: the official python-pickle batches, or an image folder ([top/]train/<class>/*.png|jpg).
-Members are read straight from the tar stream, never extracted, and pickles go through a restricted unpickler,
-so a hostile archive can neither write outside data/ nor run code.
+from its contents: the official CIFAR-10 python-pickle batches, the official CIFAR-100 python archive (fine or coarse
+labels, data.labels), or an image folder ([top/]train/<class>/*.png|jpg, test/<class>/*.png|jpg) with any number of
+classes. Members are read straight from the tar stream, never extracted, and pickles go through a restricted
+unpickler, so a hostile archive can neither write outside data/ nor run code. The output folder keeps its name,
+data/cifar10, whatever the dataset: meta.json says which classes it holds.
+
+An image folder's classes are its train/ folder names in sorted order (Python's sorted(): by Unicode code point, so
+"Zebra" comes before "ant"); for CIFAR-10's own folder names that is the official label order. Images of another size
+or mode become 32x32 RGB as cifar-predict makes them (images.py); files that are not PNG or JPEG are skipped, and the
+stage says how many of each. An image that cannot be decoded, a class folder without images, fewer than 2 classes,
+or train/ and test/ with different class folders stop the stage with one line naming what is wrong.
 
 The output is a function of the archive alone: the same archive gives byte-identical files (the npz members carry a
 fixed timestamp, and the stage's wall time goes to a file of its own), so rerunning the stage reruns nothing after it.
@@ -27,13 +35,16 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from cifar_pipeline.choices import CIFAR100_LABELS
 from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.images import to_model_input
 from cifar_pipeline.paths import DATA_DIR
 
 # The official label order: label i is CLASSES[i].
@@ -43,6 +54,8 @@ SHARED_COPY_HINT = "../shared/datasets/cifar10-jpeg.tar.gz"
 PICKLE_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 PICKLE_TEST = "test_batch"
 PICKLE_META = "batches.meta"
+CIFAR100_FILES = ("train", "test", "meta")  # in cifar-100-python/
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"  # the official cifar-100-python.tar.gz
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "test")
 CHUNK = 1 << 20
@@ -169,26 +182,26 @@ class _CifarUnpickler(pickle.Unpickler):
         try:
             return _PICKLE_GLOBALS[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a CIFAR-10 batch") from None
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a CIFAR batch") from None
 
 
 def load_pickle(data: bytes, name: str = "pickle") -> dict:
-    """Unpickle a CIFAR-10 batch (python 2 pickle) without letting it import or call anything else."""
+    """Unpickle a CIFAR-10 or CIFAR-100 file (python 2 pickle) without letting it import or call anything else."""
     try:
         obj = _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as exc:  # a hostile or corrupt pickle can fail in many ways; none is our bug
-        raise PipelineError(f"{name}: not a valid CIFAR-10 batch file: {exc}") from None
+        raise PipelineError(f"{name}: not a valid CIFAR batch file: {exc}") from None
     if not isinstance(obj, dict):
-        raise PipelineError(f"{name}: not a valid CIFAR-10 batch file: holds a {type(obj).__name__}, not a dict")
+        raise PipelineError(f"{name}: not a valid CIFAR batch file: holds a {type(obj).__name__}, not a dict")
     return {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in obj.items()}
 
 
-def _batch_arrays(batch: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
-    data, labels = batch.get("data"), batch.get("labels")
+def _batch_arrays(batch: dict, name: str, key: str = "labels") -> tuple[np.ndarray, np.ndarray]:
+    data, labels = batch.get("data"), batch.get(key)
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
         raise PipelineError(f"{name}: 'data' is not a uint8 array of shape (N, 3072)")
     if not (isinstance(labels, list) and len(labels) == len(data) and all(isinstance(x, int) for x in labels)):
-        raise PipelineError(f"{name}: 'labels' is not a list of {len(data)} integers")
+        raise PipelineError(f"{name}: '{key}' is not a list of {len(data)} integers")
     # Rows are 1024 red, then 1024 green, then 1024 blue values: to (N, 32, 32, 3) RGB.
     images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     return images, np.asarray(labels, dtype=np.int64)
@@ -214,40 +227,81 @@ def _safe_name(member: tarfile.TarInfo) -> str:
 
 def _is_data_file(name: str) -> bool:
     base = posixpath.basename(name)
-    return base in (*PICKLE_TRAIN, PICKLE_TEST, PICKLE_META) or base.lower().endswith(IMAGE_SUFFIXES)
+    return base in (*PICKLE_TRAIN, PICKLE_TEST, PICKLE_META, *CIFAR100_FILES) or base.lower().endswith(IMAGE_SUFFIXES)
 
 
-def read_members(path: Path) -> dict[str, bytes]:
-    """The contents of every file in the archive that may hold CIFAR-10 data, by normalised path."""
-    files: dict[str, bytes] = {}
+@dataclass
+class Members:
+    files: dict[str, bytes]  # the contents of every file that may hold data, by normalised path
+    folders: set[str]  # every folder in the archive, listed or implied by a file's path
+    others: list[str]  # the other files (skipped)
+
+
+def read_members(path: Path) -> Members:
+    """What the archive holds, read in one pass without extracting anything."""
+    members = Members({}, set(), [])
     try:
         # Stream mode: one sequential pass over the gzip data, no extraction to disk.
         with tarfile.open(path, "r|gz") as tar:
             for member in tar:
                 name = _safe_name(member)
-                if not _is_data_file(name) or member.isdir():
+                parent = posixpath.dirname(name)
+                while parent:
+                    members.folders.add(parent)
+                    parent = posixpath.dirname(parent)
+                if member.isdir():
+                    members.folders.add(name)
+                    continue
+                if not _is_data_file(name):
+                    members.others.append(name)
                     continue
                 if member.issym() or member.islnk():
                     raise PipelineError(f"archive member {name!r} is a link: the archive must hold the file itself")
                 if member.isfile():
-                    files[name] = tar.extractfile(member).read()
+                    members.files[name] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise PipelineError(f"{path} is not a readable .tar.gz archive (truncated or corrupt?): {exc}") from None
-    return files
+    return members
 
 
-def _read_pickle_layout(files: dict[str, bytes], batch_names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    folders = sorted({posixpath.dirname(name) for name in batch_names})
+@dataclass
+class Dataset:
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]  # 'train' and 'test': (uint8 (N, 32, 32, 3), int64 (N,))
+    classes: list[str]  # label i is classes[i]
+    layout: str  # pickle | cifar100 | image_folder
+    converted: int = 0  # image_folder: images resized or converted to 32x32 RGB
+    skipped: list[str] = field(default_factory=list)  # image_folder: files that are not PNG or JPEG
+
+
+def _label_names(meta: dict, key: str, name: str) -> list[str]:
+    names = meta.get(key)
+    decoded = [x.decode() if isinstance(x, bytes) else x for x in names] if isinstance(names, list) else None
+    if not decoded or not all(isinstance(x, str) for x in decoded):
+        raise PipelineError(f"{name}: no list of class names under {key!r}")
+    return decoded
+
+
+def _check_labels(splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str], where: str) -> None:
+    for split, (_, labels) in splits.items():
+        if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise PipelineError(f"{split} labels outside 0..{len(classes) - 1} in the archive's {where}")
+
+
+def _one_folder(names: list[str], what: str) -> str:
+    folders = sorted({posixpath.dirname(name) for name in names})
     if len(folders) > 1:
-        raise PipelineError(f"CIFAR-10 batch files in several folders of the archive: {', '.join(folders)}")
-    folder = folders[0]
+        raise PipelineError(f"{what} files in several folders of the archive: {', '.join(folders)}")
+    return folders[0]
+
+
+def _read_pickle_layout(files: dict[str, bytes], batch_names: list[str]) -> Dataset:
+    folder = _one_folder(batch_names, "CIFAR-10 batch")
     missing = [b for b in (*PICKLE_TRAIN, PICKLE_TEST) if posixpath.join(folder, b) not in files]
     if missing:
         raise PipelineError(f"the archive's {folder or '.'}/ lacks {', '.join(missing)}: incomplete CIFAR-10 archive")
     meta_name = posixpath.join(folder, PICKLE_META)
     if meta_name in files:
-        names = load_pickle(files[meta_name], meta_name).get("label_names")
-        decoded = [x.decode() if isinstance(x, bytes) else x for x in names] if isinstance(names, list) else names
+        decoded = _label_names(load_pickle(files[meta_name], meta_name), "label_names", meta_name)
         if decoded != list(CLASSES):
             raise PipelineError(f"{meta_name}: label_names {decoded} are not the CIFAR-10 classes {list(CLASSES)}")
 
@@ -256,77 +310,131 @@ def _read_pickle_layout(files: dict[str, bytes], batch_names: list[str]) -> dict
         return np.concatenate([a[0] for a in arrays]), np.concatenate([a[1] for a in arrays])
 
     splits = {"train": read(PICKLE_TRAIN), "test": read((PICKLE_TEST,))}
-    for split, (_, labels) in splits.items():
-        if labels.size and (labels.min() < 0 or labels.max() >= len(CLASSES)):
-            raise PipelineError(f"{split} labels outside 0..{len(CLASSES) - 1} in the archive's {folder or '.'}/")
-    return splits
+    _check_labels(splits, list(CLASSES), f"{folder or '.'}/")
+    return Dataset(splits, list(CLASSES), "pickle")
 
 
-def _decode_image(name: str, data: bytes) -> np.ndarray:
+def _read_cifar100(files: dict[str, bytes], names: list[str], labels: str) -> Dataset:
+    """The official CIFAR-100 python archive: cifar-100-python/{train,test,meta}, fine (100) or coarse (20) labels."""
+    folder = _one_folder(names, "CIFAR-100")
+    missing = [b for b in CIFAR100_FILES if posixpath.join(folder, b) not in files]
+    if missing:
+        raise PipelineError(f"the archive's {folder or '.'}/ lacks {', '.join(missing)}: incomplete CIFAR-100 archive")
+    meta_name = posixpath.join(folder, "meta")
+    classes = _label_names(load_pickle(files[meta_name], meta_name), f"{labels}_label_names", meta_name)
+    splits = {}
+    for split in SPLITS:
+        name = posixpath.join(folder, split)
+        splits[split] = _batch_arrays(load_pickle(files[name], name), name, key=f"{labels}_labels")
+    _check_labels(splits, classes, f"{folder or '.'}/")
+    return Dataset(splits, classes, "cifar100")
+
+
+def _decode_image(name: str, data: bytes) -> tuple[np.ndarray, bool]:
     try:
         with Image.open(io.BytesIO(data)) as image:
-            # Checked before decoding: a wrong size or mode is an error, never silently converted.
-            if image.size != (32, 32) or image.mode != "RGB":
-                raise PipelineError(
-                    f"{name}: expected a 32x32 RGB image, got {image.size[0]}x{image.size[1]} {image.mode}"
-                )
-            return np.asarray(image)
+            return to_model_input(image)
+    except Image.DecompressionBombError:
+        raise PipelineError(f"{name}: too large to decode safely (over Pillow's pixel limit)") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         raise PipelineError(f"{name}: cannot decode the image: {exc}") from None
 
 
-def _read_image_folder(files: dict[str, bytes], image_names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _read_image_folder(members: Members, image_names: list[str]) -> Dataset:
     tops = sorted({"/".join(name.split("/")[:-3]) for name in image_names})
     if len(tops) > 1:
         shown = ", ".join(t or "(archive root)" for t in tops)
         raise PipelineError(f"train/ and test/ images under several top-level folders of the archive: {shown}")
+    top = tops[0]
+
+    def at(*parts: str) -> str:
+        return posixpath.join(top, *parts)
+
+    # The class folders, empty ones included: every folder right under train/ and test/.
+    folders = {
+        split: sorted(posixpath.basename(f) for f in members.folders if posixpath.dirname(f) == at(split))
+        for split in SPLITS
+    }
+    for split in SPLITS:
+        if not folders[split]:
+            raise PipelineError(f"the archive has no {at(split)}/<class>/ folders: both train/ and test/ are needed")
+    if folders["train"] != folders["test"]:
+        only_train = sorted(set(folders["train"]) - set(folders["test"]))
+        only_test = sorted(set(folders["test"]) - set(folders["train"]))
+        raise PipelineError(
+            "train/ and test/ must hold the same class folders: "
+            + "; ".join(
+                f"only in {where}/: {', '.join(names)}"
+                for where, names in (("train", only_train), ("test", only_test))
+                if names
+            )
+        )
+    classes = folders["train"]
+    if len(classes) < 2:
+        raise PipelineError(f"an image-folder archive needs at least 2 class folders; {at('train')}/ has {classes}")
     by_split: dict[str, list[tuple[int, str, str]]] = {split: [] for split in SPLITS}
-    unknown = set()
     for name in image_names:
         split, cls, base = name.split("/")[-3:]
-        if cls not in CLASSES:
-            unknown.add(f"{split}/{cls}")
-            continue
-        by_split[split].append((CLASSES.index(cls), base, name))
-    if unknown:
-        raise PipelineError(
-            f"unknown class folders in the archive: {', '.join(sorted(unknown))}; expected {', '.join(CLASSES)}"
-        )
-    splits = {}
+        by_split[split].append((classes.index(cls), base, name))
+    empty = [
+        at(split, cls)
+        for split in SPLITS
+        for label, cls in enumerate(classes)
+        if not any(entry[0] == label for entry in by_split[split])
+    ]
+    if empty:
+        raise PipelineError(f"class folders without a PNG or JPEG image: {', '.join(f + '/' for f in empty)}")
+    splits, converted = {}, 0
     for split, entries in by_split.items():
-        if not entries:
-            raise PipelineError(f"the archive has no {split}/<class>/ images: both train/ and test/ are needed")
-        present = {label for label, _, _ in entries}
-        missing = [cls for label, cls in enumerate(CLASSES) if label not in present]
-        if missing:
-            raise PipelineError(f"the archive's {split}/ has no images of class {', '.join(missing)}")
-        entries.sort()  # by class (official order), then file name: a stable order across machines
+        entries.sort()  # by class, then file name: a stable order across machines
         images = np.empty((len(entries), 32, 32, 3), dtype=np.uint8)
         for i, (_, _, name) in enumerate(entries):
-            images[i] = _decode_image(name, files[name])
+            images[i], changed = _decode_image(name, members.files[name])
+            converted += changed
         splits[split] = images, np.array([label for label, _, _ in entries], dtype=np.int64)
-    return splits
+    # Files inside the class folders that are not PNG or JPEG (notes, .DS_Store, other formats) are skipped.
+    skipped = sorted(n for n in members.others if n.startswith(tuple(at(split, "") for split in SPLITS)))
+    return Dataset(splits, classes, "image_folder", converted, skipped)
 
 
-def read_archive(path: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
-    """({'train': (images, labels), 'test': ...}, layout) from a CIFAR-10 .tar.gz of either layout."""
-    files = read_members(path)
+def read_archive(path: Path, labels: str = "fine") -> Dataset:
+    """The dataset in a .tar.gz of any supported layout (module docstring). `labels` picks CIFAR-100's fine or coarse
+    labels; the other layouts have one kind only."""
+    members = read_members(path)
+    files = members.files
     batch_names = [n for n in files if posixpath.basename(n) in (*PICKLE_TRAIN, PICKLE_TEST)]
     image_names = [
         n
         for n in files
         if n.lower().endswith(IMAGE_SUFFIXES) and len(n.split("/")) in (3, 4) and n.split("/")[-3] in SPLITS
     ]
-    if batch_names and image_names:
-        raise PipelineError(f"{path} holds both CIFAR-10 pickle batches and train/test image folders: ambiguous")
+    cifar100_names = [n for n in files if posixpath.basename(n) in CIFAR100_FILES and n.split("/")[-2:-1] != ["train"]]
+    if labels not in CIFAR100_LABELS:
+        raise PipelineError(f"data.labels = {labels!r}: expected one of {', '.join(CIFAR100_LABELS)}")
+    found = [
+        kind
+        for kind, names in (
+            ("CIFAR-10 pickle batches", batch_names),
+            ("CIFAR-100 files", cifar100_names),
+            ("train/test image folders", image_names),
+        )
+        if names
+    ]
+    if len(found) > 1:
+        raise PipelineError(f"{path} holds {' and '.join(found)}: ambiguous")
+    if labels != "fine" and not cifar100_names:
+        raise PipelineError(f"data.labels = {labels!r} applies to the CIFAR-100 archive only; this one has one kind")
     if batch_names:
-        return _read_pickle_layout(files, batch_names), "pickle"
+        return _read_pickle_layout(files, batch_names)
+    if cifar100_names:
+        return _read_cifar100(files, cifar100_names, labels)
     if image_names:
-        return _read_image_folder(files, image_names), "image_folder"
+        return _read_image_folder(members, image_names)
     shown = ", ".join(sorted(files)[:5]) or "no data files"
     raise PipelineError(
-        f"{path} is not a CIFAR-10 archive: expected cifar-10-batches-py/data_batch_1..5 + test_batch, or "
-        f"[top-dir/]train/<class>/*.png|jpg and test/<class>/*.png|jpg (found: {shown})"
+        f"{path} is not a dataset archive this pipeline reads: expected cifar-10-batches-py/data_batch_1..5 + "
+        f"test_batch, cifar-100-python/train + test + meta, or [top-dir/]train/<class>/*.png|jpg and "
+        f"test/<class>/*.png|jpg (found: {shown})"
     )
 
 
@@ -367,12 +475,14 @@ def download(
     md5: str | None,
     out_dir: Path = DATA_DIR,
     *,
+    labels: str = "fine",
     root: Path = Path("."),
     tries: int = 3,
     backoff_s: float = 2.0,
     timeout_s: float = 60.0,
 ) -> dict:
     """Fetch and check the archive named by `url`, write `out_dir`/{train,test}.npz and meta.json; return the meta.
+    `labels`: CIFAR-100's fine or coarse labels (data.labels).
 
     A local path (relative to `root`) or file:// URL is read in place; an http(s) download goes to a scratch
     folder beside `out_dir` that is removed afterwards.
@@ -395,19 +505,25 @@ def download(
                 )
             actual = _md5(path)
             _check_md5(str(path), md5, actual)
-        splits, layout = read_archive(path)
+        dataset = read_archive(path, labels)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    classes, splits = dataset.classes, dataset.splits
     meta = {
-        "classes": list(CLASSES),
-        "layout": layout,
+        "classes": classes,
+        "layout": dataset.layout,
         "source": url,
         "md5": actual,
-        "counts": {split: int(len(labels)) for split, (_, labels) in splits.items()},
+        "counts": {split: int(len(y)) for split, (_, y) in splits.items()},
         "class_counts": {
-            split: {cls: int(n) for cls, n in zip(CLASSES, np.bincount(labels, minlength=len(CLASSES)), strict=True)}
-            for split, (_, labels) in splits.items()
+            split: {cls: int(n) for cls, n in zip(classes, np.bincount(y, minlength=len(classes)), strict=True)}
+            for split, (_, y) in splits.items()
         },
     }
+    if dataset.layout == "cifar100":
+        meta["labels"] = labels
+    if dataset.layout == "image_folder":
+        meta["converted_to_32x32_rgb"] = dataset.converted
+        meta["skipped_files"] = dataset.skipped
     _write_output(out_dir, splits, meta)
     return meta

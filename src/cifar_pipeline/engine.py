@@ -27,10 +27,10 @@ def prepare_model(model: nn.Module, runtime: Runtime) -> nn.Module:
     return model.to(runtime.device, memory_format=memory_format)
 
 
-def new_model(model: ModelParams, seed: int, runtime: Runtime) -> nn.Module:
+def new_model(model: ModelParams, seed: int, runtime: Runtime, num_classes: int) -> nn.Module:
     """A freshly initialised model on the runtime's device: lr-find and train start from the same weights."""
     torch.manual_seed(seed)
-    return prepare_model(build_model(model.name, **model.kwargs()), runtime)
+    return prepare_model(build_model(model.name, **model.kwargs(num_classes)), runtime)
 
 
 def compile_model(model: nn.Module, mode: str) -> nn.Module:

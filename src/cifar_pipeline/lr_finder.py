@@ -99,12 +99,12 @@ def range_test(
 
 def run_range_test(params: Params) -> dict[str, Any]:
     """The lr-find stage's test: a fresh model, trained on the same batches as the train stage will see."""
-    runtime, _, _, _, loader = prepare_training(params)
+    runtime, splits, _, _, loader = prepare_training(params)
     cfg = params.lr_find
     steps = f"{cfg.num_iter} steps from {cfg.start_lr:g} to {cfg.end_lr:g}"
     print(f"LR range test: {steps} on {runtime.device}", flush=True)
     return range_test(
-        new_model(params.model, params.seed, runtime),
+        new_model(params.model, params.seed, runtime, len(splits.classes)),
         loader,
         runtime,
         start_lr=cfg.start_lr,

@@ -18,6 +18,7 @@ from cifar_pipeline import paths
 from cifar_pipeline.choices import (
     COMPILE_MODES,
     Backend,
+    Cifar100Labels,
     CompileMode,
     Device,
     Downsample,
@@ -46,6 +47,7 @@ class _Section(BaseModel):
 class DataParams(_Section):
     url: str = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
     md5: str | None = "c58f30108f718f92721af3b95e74349a"
+    labels: Cifar100Labels = "fine"
     train_subset: int | None = Field(default=None, ge=10)
     test_subset: int | None = Field(default=None, ge=10)
     val_size: int = Field(default=0, ge=0)
@@ -79,11 +81,12 @@ class ModelParams(_Section):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     downsample: Downsample = "stride"
 
-    def kwargs(self) -> dict[str, Any]:
-        """The chosen model's constructor arguments (downsample is dilated_net's alone)."""
+    def kwargs(self, num_classes: int) -> dict[str, Any]:
+        """The chosen model's constructor arguments (downsample is dilated_net's alone); the class count comes from
+        the data (the download stage's meta.json)."""
         if self.name == "dilated_net":
-            return {"dropout": self.dropout, "downsample": self.downsample}
-        return {"dropout": self.dropout}
+            return {"dropout": self.dropout, "downsample": self.downsample, "num_classes": num_classes}
+        return {"dropout": self.dropout, "num_classes": num_classes}
 
 
 class AugmentParams(_Section):

@@ -1,11 +1,8 @@
 """Classify image files with a trained checkpoint: what `cifar-predict` does.
 
-How a file becomes a model input, so that any photo can be classified: Pillow reads it (PNG, JPEG, or anything
-else Pillow knows), turns it upright by its EXIF orientation and converts it to RGB (grey and palette images too;
-an alpha channel is dropped). Then the largest centred square is cropped, so the object keeps its proportions, and
-resized to 32x32 with Pillow's bicubic filter, which averages over the pixels it shrinks so that a large photo does
-not alias. A 32x32 image is used as it is. Last, the pixels are normalised with the checkpoint's own mean and std,
-as the test images were in training.
+Each file becomes a model input as images.py says (upright, RGB, the largest centred square resized to 32x32 with
+a bicubic filter), the way the download stage reads an image-folder archive. Last, the pixels are normalised with the
+checkpoint's own mean and std, as the test images were in training.
 """
 
 from __future__ import annotations
@@ -18,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from cifar_pipeline.classifier import Classifier
 from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.images import to_model_input
 from cifar_pipeline.inference import batch_logits, flip_tta_logits, softmax
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a folder is searched for; a file named explicitly may be any
-IMAGE_SIZE = 32
 PROGRESS_MIN_FILES = 300  # a progress bar for more files than this (on a terminal)
 READ_THREADS = min(8, os.cpu_count() or 1)  # Pillow decodes without holding the GIL
 
@@ -65,7 +62,7 @@ def read_image(path: str | Path) -> np.ndarray:
     """The image as uint8 (32, 32, 3) RGB, made as the module docstring says; ImageError when it cannot be."""
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")
+            return to_model_input(image)[0]
     except PermissionError as exc:
         raise ImageError(f"cannot be read: {exc.strerror}") from None
     except UnidentifiedImageError:
@@ -74,12 +71,6 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageError("too large to decode safely (over Pillow's pixel limit)") from None
     except (OSError, SyntaxError, ValueError) as exc:  # Pillow's errors for truncated or corrupt files
         raise ImageError(f"a broken or truncated image ({exc})") from None
-    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        square = image.crop((left, top, left + side, top + side))
-        image = square.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
-    return np.asarray(image, dtype=np.uint8)
 
 
 def top_classes(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[tuple[str, float]]:

@@ -210,12 +210,13 @@ def summary_markdown(
         f"| Epochs | {epochs} |",
         f"| Max learning rate | {ckpt['max_lr']:.4g}, {lr_source} |",
         f"| Model | {ckpt['model_name']}, {num_params:,} parameters (model_summary.txt) |",
+        f"| Classes | {_class_list(list(accuracy['per_class_acc']))} |",
         f"| Batch size | {ckpt.get('batch_size', 'n/a')} |",
         f"| Trained on | {ckpt.get('device', 'n/a')} (this report evaluated on {eval_device}) |",
     ]
     per_class = "\n".join(f"| {name} | {pct(acc)} |" for name, acc in accuracy["per_class_acc"].items())
     times = "\n".join(f"| {stage} | {_seconds(t)} |" for stage, t in wall_times.items())
-    return f"""# CIFAR-10 run report
+    return f"""# Run report
 
 | | |
 |---|---|
@@ -255,6 +256,11 @@ The LR range test ([lr_find.png](lr_find.png)) and a sample of augmented trainin
 {times}
 | {total} | {_seconds(sum(known))} |
 """
+
+
+def _class_list(classes: list[str], shown: int = 10) -> str:
+    names = ", ".join(classes[:shown]) + (f" and {len(classes) - shown} more" if len(classes) > shown else "")
+    return f"{len(classes)}: {names}"
 
 
 def run_report(params: Params) -> None:

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 
 from cifar_pipeline.plots import image_grid, plt
@@ -43,16 +44,31 @@ def metrics_curves(
     return fig
 
 
+ANNOTATED_CLASSES = 20  # up to this many classes each cell shows its count; beyond, the colour alone does
+
+
 def confusion_matrix(counts: np.ndarray, classes: Sequence[str]) -> Figure:
-    """counts[true, predicted] as a grid of cells, each with its count, true classes down, predicted across."""
+    """counts[true, predicted] as a grid of cells, true classes down, predicted across. Up to ANNOTATED_CLASSES
+    classes each cell carries its count; with more (CIFAR-100) the figure grows with the class count, the names
+    shrink and a colour bar gives the scale, so that every class name stays legible."""
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(7.5, 6.5), layout="constrained")
-    ax.imshow(counts, cmap="Blues", vmin=0)
-    ax.set_xticks(range(n), classes, rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(n), classes)
+    annotated = n <= ANNOTATED_CLASSES
+    side = 7.5 if annotated else 2.5 + 0.15 * n  # inches: 100 classes get 0.15 in a row
+    fig, ax = plt.subplots(figsize=(side, side - 1.0 if annotated else side), layout="constrained")
+    # With many classes a square-root scale keeps the few confusions of each cell visible beside the diagonal.
+    norm = None if annotated else PowerNorm(0.5, vmin=0)
+    image = ax.imshow(counts, cmap="Blues", vmin=None if norm else 0, norm=norm)
+    names = 10 if annotated else 6
+    ax.set_xticks(
+        range(n), classes, rotation=45 if annotated else 90, ha="right", rotation_mode="anchor", fontsize=names
+    )
+    ax.set_yticks(range(n), classes, fontsize=names)
     total, correct = int(counts.sum()), int(np.trace(counts))
     accuracy = f", {100 * correct / total:.2f}% on the diagonal" if total else ""
     ax.set(xlabel="predicted class", ylabel="true class", title=f"Confusion matrix: {total:,} test images{accuracy}")
+    if not annotated:
+        fig.colorbar(image, ax=ax, shrink=0.5, label="test images (square-root scale)")
+        return fig
     dark = counts.max() / 2  # white text on the darker half of the colour scale
     for (true, predicted), count in np.ndenumerate(counts):
         colour = "white" if count > dark else "black"

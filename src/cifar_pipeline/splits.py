@@ -47,7 +47,9 @@ def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray
     except (OSError, KeyError, ValueError) as exc:
         raise PipelineError(f"{path} is unreadable ({exc}): rerun the download stage (dvc repro -f download)") from None
     if images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3) or labels.shape != (len(images),):
-        raise PipelineError(f"{path} does not hold CIFAR-10 arrays: rerun the download stage (dvc repro -f download)")
+        raise PipelineError(
+            f"{path} does not hold (N, 32, 32, 3) images and N labels: rerun the download stage (dvc repro -f download)"
+        )
     return images, labels.astype(np.int64, copy=False)
 
 

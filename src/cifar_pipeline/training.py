@@ -90,7 +90,7 @@ def train(params: Params) -> dict[str, Any]:
     )
     inputs = [paths.STATS, paths.META] + ([paths.LR_FIND] if max_lr_source == "lr-find" else [])
     return fit(
-        new_model(params.model, params.seed, runtime),
+        new_model(params.model, params.seed, runtime, len(splits.classes)),
         train_loader,
         eval_loaders,
         params.train,
@@ -100,7 +100,7 @@ def train(params: Params) -> dict[str, Any]:
         run_fingerprint=fingerprint(params, max_lr, inputs),
         checkpoint_extra={
             "model_name": params.model.name,
-            "model_kwargs": params.model.kwargs(),
+            "model_kwargs": params.model.kwargs(len(splits.classes)),
             "batch_size": params.train.batch_size,
             "mean": list(mean),
             "std": list(std),

@@ -16,7 +16,8 @@ assert tuple(MODELS) == MODEL_NAMES, "every allowed model.name needs its class h
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
-    """A freshly initialised model; every model maps (N, 3, 32, 32) images to (N, 10) logits."""
+    """A freshly initialised model; every model maps (N, 3, 32, 32) images to (N, num_classes) logits (10 unless
+    `num_classes` is given)."""
     if name not in MODELS:
         raise PipelineError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
     return MODELS[name](**kwargs)

@@ -500,6 +500,37 @@ def test_push_and_pull_through_a_local_remote(project, tmp_path):
     assert "up to date" in dvc(project, "status").stdout
 
 
+def test_an_experiment_from_another_clone_arrives_with_its_metrics_and_model(project, tmp_path):
+    """Two machines: this project (A) runs an experiment and pushes it; a fresh clone (B) pulls it, sees its metrics in
+    `dvc exp show` and gets its model. A bare Git repository and a local folder stand in for the remotes."""
+    origin, storage = tmp_path / "origin.git", tmp_path / "dvc-storage"
+    run(tmp_path, "git", "init", "-q", "--bare", "--initial-branch=main", str(origin))
+    run(project, "git", "remote", "add", "shared", str(origin))
+    # --local: the remote stays out of the module project's commits; a real project commits it (README).
+    dvc(project, "remote", "add", "--local", "-d", "storage", str(storage))
+    try:
+        run(project, "git", "push", "-q", "shared", "HEAD:refs/heads/main")
+        dvc(project, "exp", "run", "-n", "from-a", "-S", "train.div_factor=25")
+        a_metrics, a_model = metrics(project), (project / "models/model.pt").read_bytes()
+        dvc(project, "exp", "push", "shared", "from-a")
+
+        b = tmp_path / "b"
+        run(tmp_path, "git", "clone", "-q", str(origin), str(b))
+        dvc(b, "remote", "add", "--local", "-d", "storage", str(storage))
+        assert "from-a" not in dvc(b, "exp", "show").stdout
+        dvc(b, "exp", "pull", "origin", "from-a")
+        rows = exp_rows(b)
+        assert rows["from-a"]["params"]["train"]["div_factor"] == 25
+        assert rows["from-a"]["metrics"]["test"] == a_metrics["test"]
+        dvc(b, "exp", "apply", "from-a")
+        dvc(b, "pull")
+        assert (b / "models/model.pt").read_bytes() == a_model
+    finally:
+        run(project, "git", "remote", "remove", "shared")
+        dvc(project, "remote", "remove", "--local", "storage")
+        restore(project)
+
+
 # Last in this module (pytest runs a module's tests in order): every command above has had its turn.
 def test_every_dvc_and_gto_command_the_readme_shows_ran_here(project):
     blocks = "\n".join(re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL))

@@ -15,6 +15,7 @@ import torch
 
 from cifar_pipeline.choices import DEVICES
 from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.gpu_claim import claim_gpu
 from cifar_pipeline.params import TrainParams
 
 
@@ -96,6 +97,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def make_runtime(train: TrainParams) -> Runtime:
     """The device (`train.device`), its precision (`train.precision`) and memory format (`train.channels_last`)."""
     device = pick_device(train.device)
+    if device.type == "cuda" and train.device == "auto":
+        # A GPU of its own when several runs share the machine (gpu_claim.py); `cuda` means cuda:0, unclaimed.
+        device = torch.device("cuda", claim_gpu(torch.cuda.device_count()))
+        torch.cuda.set_device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not train.deterministic
     return Runtime(device, autocast_dtype(train.precision, device), train.channels_last)

@@ -346,28 +346,26 @@ def _image_folder(tmp_path, change=None, drop=None, **images) -> Path:
     return write_tar(tmp_path / "bad.tar.gz", files)
 
 
-def _pickle_archive(tmp_path, **batches) -> Path:
-    make_pickle_archive(tmp_path / "good.tar.gz", n_train=20, n_test=10)
-    with tarfile.open(tmp_path / "good.tar.gz") as tar:
-        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-    for name, data in batches.items():
-        if data is None:
-            del files[f"cifar-10-batches-py/{name}"]
-        else:
-            files[f"cifar-10-batches-py/{name}"] = data
-    return write_tar(tmp_path / "bad.tar.gz", files)
-
-
-def _cifar100(tmp_path, **replaced) -> Path:
-    make_cifar100_archive(tmp_path / "good.tar.gz", n_train=100, n_test=100)
+def _with_members(tmp_path, folder: str, replaced: dict) -> Path:
+    """good.tar.gz rewritten as bad.tar.gz with members of `folder` replaced (name -> bytes) or dropped (None)."""
     with tarfile.open(tmp_path / "good.tar.gz") as tar:
         files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     for name, data in replaced.items():
         if data is None:
-            del files[f"cifar-100-python/{name}"]
+            del files[f"{folder}/{name}"]
         else:
-            files[f"cifar-100-python/{name}"] = data
+            files[f"{folder}/{name}"] = data
     return write_tar(tmp_path / "bad.tar.gz", files)
+
+
+def _pickle_archive(tmp_path, **batches) -> Path:
+    make_pickle_archive(tmp_path / "good.tar.gz", n_train=20, n_test=10)
+    return _with_members(tmp_path, "cifar-10-batches-py", batches)
+
+
+def _cifar100(tmp_path, **replaced) -> Path:
+    make_cifar100_archive(tmp_path / "good.tar.gz", n_train=100, n_test=100)
+    return _with_members(tmp_path, "cifar-100-python", replaced)
 
 
 def _truncated(tmp_path):

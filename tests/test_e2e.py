@@ -11,6 +11,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -528,6 +529,78 @@ def test_an_experiment_from_another_clone_arrives_with_its_metrics_and_model(pro
     finally:
         run(project, "git", "remote", "remove", "shared")
         dvc(project, "remote", "remove", "--local", "storage")
+        restore(project)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_one_run_on_two_processes_or_on_two_machines_trains_the_same_run(project, tmp_path):
+    """README, "More than one GPU, or more than one machine", on the CPU (gloo): `train.devices: 2` under `dvc exp
+    run`, then the two-machine recipe, with a clone in another folder as the second machine and one process on each.
+    Both are one run on two processes, with the same shares of the same batches: the same metrics to the last digit."""
+    try:
+        result = dvc(project, "exp", "run", "-n", "two-processes", "-S", "train.devices=2")
+        assert "starting 2 training processes with torchrun" in result.stdout
+        assert exp_rows(project)["two-processes"]["params"]["train"]["devices"] == 2
+        two_processes = metrics(project)
+        restore(project)
+
+        # Node 1: a clone at the same commit, given the train stage's inputs (the README's rsync).
+        node1 = tmp_path / "node1"
+        run(tmp_path, "git", "clone", "-q", str(project), str(node1))
+        for path in ("params.yaml", "data", "reports/lr_find.json"):
+            if (project / path).is_dir():
+                shutil.copytree(project / path, node1 / path, dirs_exist_ok=True)
+            else:
+                shutil.copy(project / path, node1 / path)
+        port = str(free_port())
+        # One thread a process, as torchrun sets it for several processes on a machine (the run above): another
+        # thread count adds the convolutions' sums in another order, which would end the run a little elsewhere.
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        env["OMP_NUM_THREADS"] = "1"
+        nodes = [
+            subprocess.Popen(
+                [
+                    "torchrun",
+                    "--nnodes",
+                    "2",
+                    "--nproc-per-node",
+                    "1",
+                    "--node-rank",
+                    str(rank),
+                    "--master-addr",
+                    "127.0.0.1",
+                    "--master-port",
+                    port,
+                    "stages/train.py",
+                ],
+                cwd=folder,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for rank, folder in enumerate((project, node1))
+        ]
+        outputs = [node.communicate(timeout=600)[0] for node in nodes]
+        assert [node.returncode for node in nodes] == [0, 0], outputs
+        assert "on 2 processes (cpu)" in outputs[0] and "epoch 2/2" not in outputs[1]
+        # Process 0, on node 0, writes everything: node 1's clone has no new file and no changed one.
+        assert run(node1, "git", "status", "--porcelain", "--ignored=no").stdout == ""
+        assert not (node1 / "models/model.pt").exists() and not (node1 / "reports/train_samples.png").exists()
+        timing = ("epoch_time_s", "images_per_s", "wall_time_s")
+        assert {k: v for k, v in metrics(project).items() if k not in timing} == {
+            k: v for k, v in two_processes.items() if k not in timing
+        }
+
+        dvc(project, "commit", "-f", "train")
+        assert stages_run(dvc(project, "repro").stdout) == ["report"]
+        assert "up to date" in dvc(project, "status").stdout
+    finally:
         restore(project)
 
 

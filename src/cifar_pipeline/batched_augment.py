@@ -157,7 +157,7 @@ class DeviceDataset:
     def pixels(self, index: torch.Tensor, epoch: int = 0) -> torch.Tensor:
         """The samples at `index`, augmented: float32 (n, 3, H, W) whole pixel values 0..255, on the device."""
         images = self.images[index]
-        if self.augment is None:
+        if self.augment is None or not len(images):  # none: a process's share of a short last batch may be empty
             return images.float()
         return augment_batch(images, self.draw(epoch).take(index), self.augment.hole_size, self.fill)
 
@@ -177,11 +177,18 @@ class DeviceLoader:
     (loaders.DeviceBatches: len, iteration, `.dataset`, `.batch_sampler.sampler.set_epoch` for sampling.set_epoch)."""
 
     def __init__(
-        self, dataset: DeviceDataset, batch_size: int, train: bool, seed: int, full_batches: bool = False
+        self,
+        dataset: DeviceDataset,
+        batch_size: int,
+        train: bool,
+        seed: int,
+        full_batches: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
-        self.batch_sampler = batch_sampler(len(dataset), seed, batch_size, train, full_batches)
+        self.batch_sampler = batch_sampler(len(dataset), seed, batch_size, train, full_batches, rank, world_size)
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -193,4 +200,4 @@ class DeviceLoader:
         # One copy of the epoch's order to the device, then slices of it: no host sync per batch.
         order = torch.from_numpy(order[: len(self) * self.batch_size]).to(self.dataset.device)
         for index in order.split(self.batch_size):
-            yield self.dataset.batch(index, epoch)
+            yield self.dataset.batch(self.batch_sampler.take_share(index), epoch)

@@ -109,14 +109,15 @@ def _as_collated(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor
     return batch
 
 
-def resolve_num_workers(setting: int | Literal["auto"]) -> int:
-    """`data.num_workers` as a number: `auto` leaves one CPU to the training process, up to MAX_AUTO_WORKERS."""
+def resolve_num_workers(setting: int | Literal["auto"], processes: int = 1) -> int:
+    """`data.num_workers` as a number: `auto` leaves one CPU to the training process, up to MAX_AUTO_WORKERS; with
+    `processes` training processes on the machine, each takes its part of the CPUs."""
     if setting == "auto":
         try:
             cpus = len(os.sched_getaffinity(0))  # the CPUs this process may use, not the machine's count
         except AttributeError:  # macOS, Windows
             cpus = os.cpu_count() or 1
-        return max(0, min(cpus - 1, MAX_AUTO_WORKERS))
+        return max(0, min(cpus // processes - 1, MAX_AUTO_WORKERS))
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
         raise PipelineError(f"data.num_workers must be 'auto' or an integer >= 0, got {setting!r}")
     return setting
@@ -130,12 +131,15 @@ def make_loader(
     seed: int,
     pin_memory: bool,
     full_batches: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """Shuffled, seeded uint8 batches for training; ordered ones otherwise. Call `set_epoch` before each epoch."""
+    """Shuffled, seeded uint8 batches for training; ordered ones otherwise; on several processes, this process's
+    share of each (sampling.py). Call `set_epoch` before each epoch."""
     workers = num_workers > 0
     return DataLoader(
         dataset,
-        batch_sampler=batch_sampler(len(dataset), seed, batch_size, train, full_batches),
+        batch_sampler=batch_sampler(len(dataset), seed, batch_size, train, full_batches, rank, world_size),
         collate_fn=_as_collated,
         num_workers=num_workers,
         pin_memory=pin_memory,
@@ -194,15 +198,18 @@ def make_train_loader(
     num_workers: int,
     device: torch.device,
     full_batches: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DeviceBatches | DeviceLoader:
     """The training loader `augment.backend` asks for: Albumentations in worker processes, or on `device`.
-    `full_batches`: every batch holds batch_size images (train.compile wants one shape)."""
+    `full_batches`: every batch holds batch_size images (train.compile wants one shape). `rank` of `world_size`:
+    the share of every batch this process trains on."""
     if resolve_backend(augment.backend, device) == "gpu":
         dataset = DeviceDataset(images, labels, mean, std, seed, device, augment)
-        return DeviceLoader(dataset, batch_size, train=True, seed=seed, full_batches=full_batches)
+        return DeviceLoader(dataset, batch_size, True, seed, full_batches, rank, world_size)
     dataset = CifarDataset(images, labels, train_transforms(augment, mean), seed)
     pin_memory = device.type == "cuda"
-    loader = make_loader(dataset, batch_size, True, num_workers, seed, pin_memory, full_batches)
+    loader = make_loader(dataset, batch_size, True, num_workers, seed, pin_memory, full_batches, rank, world_size)
     return DeviceBatches(loader, normalizer(mean, std, device), device)
 
 
@@ -217,24 +224,29 @@ def make_eval_loader(
     seed: int,
     num_workers: int,
     device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DeviceBatches | DeviceLoader:
-    """An ordered, normalised, unaugmented loader; with the gpu backend the split lives on `device` too."""
+    """An ordered, normalised, unaugmented loader (of this process's share of each batch, on several); with the gpu
+    backend the split lives on `device` too."""
     if resolve_backend(backend, device) == "gpu":
-        return DeviceLoader(DeviceDataset(images, labels, mean, std, seed, device), batch_size, False, seed)
-    loader = make_loader(
-        CifarDataset(images, labels, None, seed), batch_size, False, num_workers, seed, pin_memory=device.type == "cuda"
-    )
+        dataset = DeviceDataset(images, labels, mean, std, seed, device)
+        return DeviceLoader(dataset, batch_size, False, seed, rank=rank, world_size=world_size)
+    dataset = CifarDataset(images, labels, None, seed)
+    pin_memory = device.type == "cuda"
+    loader = make_loader(dataset, batch_size, False, num_workers, seed, pin_memory, rank=rank, world_size=world_size)
     return DeviceBatches(loader, normalizer(mean, std, device), device)
 
 
 def prepare_training(
-    params: Params, full_batches: bool = False
+    params: Params, full_batches: bool = False, runtime: Runtime | None = None
 ) -> tuple[Runtime, Splits, tuple[float, ...], tuple[float, ...], DeviceBatches | DeviceLoader]:
     """What lr-find and train both start from: every RNG seeded, the runtime, the splits, the dataset's mean and
-    std, and the training loader over them (the same batches for the range test as for training)."""
+    std, and the training loader over them (the same batches for the range test as for training). `runtime`: the
+    train stage's on several processes (distributed.py): the loader gives this process its share of each batch."""
     require_inputs({str(paths.DATA_DIR): "download", str(paths.STATS): "compute-mean-std"})
     seed_everything(params.seed, params.train.deterministic)
-    runtime = make_runtime(params.train)
+    runtime = runtime or make_runtime(params.train)
     splits = load_splits(paths.DATA_DIR, params.data, params.seed)
     mean, std = load_stats()
     loader = make_train_loader(
@@ -245,8 +257,10 @@ def prepare_training(
         std,
         batch_size=params.train.batch_size,
         seed=params.seed,
-        num_workers=resolve_num_workers(params.data.num_workers),
+        num_workers=resolve_num_workers(params.data.num_workers, runtime.local_size),
         device=runtime.device,
         full_batches=full_batches,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
     )
     return runtime, splits, mean, std, loader

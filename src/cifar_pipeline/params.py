@@ -124,6 +124,7 @@ class TrainParams(_Section):
     div_factor: float = Field(default=100.0, ge=1.0)
     weight_decay: float = Field(default=1e-4, ge=0.0)
     device: Device = "auto"
+    devices: int = Field(default=1, ge=1)  # training processes on this machine (distributed.py)
     precision: Precision = "auto"
     channels_last: bool = True
     deterministic: bool = False

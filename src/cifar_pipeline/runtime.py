@@ -26,6 +26,17 @@ class Runtime:
     device: torch.device
     amp_dtype: torch.dtype | None = None  # None: plain fp32
     channels_last: bool = False
+    # Data-parallel training (distributed.py): this process's rank among world_size processes, local_size of them on
+    # this machine; distributed: one of torchrun's processes (even if the only one), training through DDP.
+    rank: int = 0
+    world_size: int = 1
+    local_size: int = 1
+    distributed: bool = False
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run's files and prints its progress (rank 0)."""
+        return self.rank == 0
 
     def autocast(self) -> AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)

@@ -54,15 +54,48 @@ class EpochSampler(Sampler):
         return ((int(i), epoch) for i in order)
 
 
-def batch_sampler(size: int, seed: int, batch_size: int, train: bool, full_batches: bool = False) -> BatchSampler:
-    """Batches of `(index, epoch)` keys: shuffled for training, in order otherwise.
+def share(batch_size: int, rank: int, world_size: int) -> slice:
+    """The contiguous part of a global batch of `batch_size` images that process `rank` of `world_size` trains on
+    (the first `batch_size % world_size` processes take one image more; one may get none of a short last batch)."""
+    size, extra = divmod(batch_size, world_size)
+    start = rank * size + min(rank, extra)
+    return slice(start, start + size + (rank < extra))
+
+
+class ShardedBatchSampler(BatchSampler):
+    """A BatchSampler whose batches are this process's share (`share`) of each global batch: the whole batch when
+    there is one process. `len` and `global_sizes` are the global batches'."""
+
+    def __init__(self, sampler: Sampler, batch_size: int, drop_last: bool, rank: int = 0, world_size: int = 1):
+        super().__init__(sampler, batch_size, drop_last)
+        self.rank = rank
+        self.world_size = world_size
+
+    def take_share(self, batch):
+        """This process's part of a global `batch` (a list of keys, or a tensor of indices)."""
+        return batch if self.world_size == 1 else batch[share(len(batch), self.rank, self.world_size)]
+
+    def __iter__(self) -> Iterator[list]:
+        return (self.take_share(batch) for batch in super().__iter__())
+
+    def global_sizes(self) -> list[int]:
+        """The number of images in each global batch of an epoch, in order."""
+        full, rest = divmod(len(self.sampler), self.batch_size)
+        return [self.batch_size] * full + ([rest] if rest and not self.drop_last else [])
+
+
+def batch_sampler(
+    size: int, seed: int, batch_size: int, train: bool, full_batches: bool = False, rank: int = 0, world_size: int = 1
+) -> ShardedBatchSampler:
+    """Batches of `(index, epoch)` keys: shuffled for training, in order otherwise; on several processes, this
+    process's share of each (`rank` of `world_size`).
 
     Every image is used, except that a lone last training sample is dropped: batch norm statistics from a single
     image are noise (the shuffle drops a different one each epoch). `full_batches` drops any short last batch, so
     that every batch has one shape (torch.compile builds one graph, CUDA graphs record once).
     """
     drop_last = full_batches or (train and size % batch_size == 1 and size > 1)
-    return BatchSampler(EpochSampler(size, seed, shuffle=train), batch_size, drop_last)
+    return ShardedBatchSampler(EpochSampler(size, seed, shuffle=train), batch_size, drop_last, rank, world_size)
 
 
 def set_epoch(loader, epoch: int) -> None:

@@ -26,7 +26,7 @@ from dvclive import Live
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cifar_pipeline import paths
+from cifar_pipeline import distributed, paths
 from cifar_pipeline.augment import save_augmentation_record
 from cifar_pipeline.checkpoint import make_checkpoint, model_state, save_plain
 from cifar_pipeline.checkpoint_writer import CheckpointWriter
@@ -65,13 +65,23 @@ def resolve_max_lr(setting: float | str, lr_find_path: str | Path = paths.LR_FIN
     return float(suggested), "lr-find"
 
 
-def train(params: Params) -> dict[str, Any]:
-    """Everything the train stage does: its outputs on disk, and DVCLive's summary of the run returned."""
-    runtime, splits, mean, std, train_loader = prepare_training(params, full_batches=bool(params.train.compile))
+def train(params: Params) -> dict[str, Any] | None:
+    """Everything the train stage does: its outputs on disk, and DVCLive's summary of the run returned (by rank 0
+    of several processes; None by the others, which write nothing)."""
+    runtime = distributed.make_runtime(params.train) if distributed.under_torchrun() else None
+    try:
+        return _train(params, runtime)
+    finally:
+        distributed.close()
+
+
+def _train(params: Params, runtime: Runtime | None) -> dict[str, Any] | None:
+    full_batches = bool(params.train.compile)
+    runtime, splits, mean, std, train_loader = prepare_training(params, full_batches, runtime)
     max_lr, max_lr_source = resolve_max_lr(params.train.max_lr)
-    workers = resolve_num_workers(params.data.num_workers)
+    workers = resolve_num_workers(params.data.num_workers, runtime.local_size)
     loading = {"batch_size": params.train.batch_size, "seed": params.seed, "num_workers": workers}
-    loading["device"] = runtime.device
+    loading.update(device=runtime.device, rank=runtime.rank, world_size=runtime.world_size)
     eval_loaders = {
         split: make_eval_loader(images, labels, mean, std, backend=params.augment.backend, **loading)
         for split, images, labels in (
@@ -80,14 +90,16 @@ def train(params: Params) -> dict[str, Any]:
         )
         if len(labels)  # no val split unless data.val_size > 0
     }
-    save_train_samples(train_loader.dataset, splits.classes, paths.TRAIN_SAMPLES)
     backend = resolve_backend(params.augment.backend, runtime.device)
-    save_augmentation_record(params.augment, backend, mean, std, paths.AUGMENTATIONS)
-    print(
-        f"training {params.model.name} on {len(splits.train_labels)} images for {params.train.epochs} epochs on "
-        f"{runtime.device} (max LR {max_lr:.4g} from {max_lr_source}, {backend} augment backend)",
-        flush=True,
-    )
+    if runtime.main:
+        save_train_samples(train_loader.dataset, splits.classes, paths.TRAIN_SAMPLES)
+        save_augmentation_record(params.augment, backend, mean, std, paths.AUGMENTATIONS)
+        where = f"{runtime.world_size} processes ({runtime.device.type})" if runtime.distributed else runtime.device
+        print(
+            f"training {params.model.name} on {len(splits.train_labels)} images for {params.train.epochs} epochs on "
+            f"{where} (max LR {max_lr:.4g} from {max_lr_source}, {backend} augment backend)",
+            flush=True,
+        )
     inputs = [paths.STATS, paths.META] + ([paths.LR_FIND] if max_lr_source == "lr-find" else [])
     return fit(
         new_model(params.model, params.seed, runtime, len(splits.classes)),
@@ -148,12 +160,15 @@ def fit(
     run_fingerprint: str,
     checkpoint_extra: dict[str, Any],
     root: Path = Path("."),
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Train `model` (already on the runtime's device) for train.epochs epochs; return the DVCLive summary.
 
     `eval_loaders` holds "test" and, when there is a validation split, "val": the best checkpoint follows "val"
     if present, so the test set never picks a model. `checkpoint_extra` (model_name, model_kwargs, classes, mean,
     std, ...) goes into both checkpoints as it is. The outputs go to their paths.py places under `root`.
+
+    On several processes (runtime.distributed) the model trains through DDP with synchronised batch norm
+    (distributed.py); rank 0 alone reads and writes the files and returns the summary, the others return None.
     """
     started = time.perf_counter()
     if len(train_loader) == 0:
@@ -162,26 +177,36 @@ def fit(
             f"batch must be full (train.batch_size {train.batch_size}); lower train.batch_size or set "
             "train.compile: false"
         )
-    step_model = compile_model(model, train.compile) if train.compile else model
+    step_model = model
+    if runtime.distributed:
+        model = distributed.sync_batchnorm(model, runtime.device.type)
+        step_model = distributed.wrap(model, runtime.device)
+    step_model = compile_model(step_model, train.compile) if train.compile else step_model
     optimizer = make_optimizer(model, max_lr / train.div_factor, train.weight_decay, runtime)
     scheduler = make_scheduler(optimizer, max_lr, train.epochs, len(train_loader), train.peak_epoch, train.div_factor)
     scaler = make_scaler(runtime)
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     progress = Progress("val" if "val" in eval_loaders else "test")
 
-    # The weights' names and shapes join the fingerprint: a state saved by an edited model is not loadable.
+    # The weights' names and shapes join the fingerprint: a state saved by an edited model is not loadable. So does
+    # the process count: each process's RNG state is in it.
     shapes = [(name, tuple(value.shape)) for name, value in model.state_dict().items()]
-    run_fingerprint = hashlib.sha256(f"{run_fingerprint}{shapes}".encode()).hexdigest()
-    state = load_resume_state(root / paths.RESUME, run_fingerprint, root / paths.RESUME_BEST)
+    run_fingerprint = hashlib.sha256(f"{run_fingerprint}{shapes}{runtime.world_size}".encode()).hexdigest()
+    state = None
+    if runtime.main:
+        state = load_resume_state(root / paths.RESUME, run_fingerprint, root / paths.RESUME_BEST)
+    if runtime.distributed:
+        state = distributed.broadcast(state)
     if state is not None:
         for name, part in parts.items():
             part.load_state_dict(state[name])
         progress = Progress(progress.best_split, state["history"], state["lr_history"], state["best"])
         progress.elapsed_s = state["wall_time_s"]
-        print(f"resuming after epoch {state['epoch']} of {train.epochs} from {root / paths.RESUME}")
-    live = _open_live(root / paths.LIVE_DIR, max_lr, max_lr_source, progress)
+        if runtime.main:
+            print(f"resuming after epoch {state['epoch']} of {train.epochs} from {root / paths.RESUME}")
+    live = _open_live(root / paths.LIVE_DIR, max_lr, max_lr_source, progress) if runtime.main else None
     if state is not None:
-        restore_rng_states(state["rng"])  # last: building the model and loaders drew from the RNGs
+        restore_rng_states(state["rng"][runtime.rank])  # last: building the model and loaders drew from the RNGs
 
     def checkpoint(tensors: dict[str, Any], record: dict[str, float], loss: float) -> dict[str, Any]:
         """A model file: the weights and the optimizer's state, with what the epoch measured."""
@@ -210,11 +235,16 @@ def fit(
         for epoch in range(progress.epoch + 1, train.epochs + 1):
             record, lrs, loss = _one_epoch(epoch, step_model, model, train_loader, eval_loaders, parts, runtime)
             improved = progress.add(record, lrs)
+            wall_time_s = progress.elapsed_s + time.perf_counter() - started
+            if epoch < train.epochs:
+                # Every process's RNG states, in rank order (dropout draws differ between processes).
+                rngs = distributed.gather(rng_states()) if runtime.distributed else [rng_states()]
+            if not runtime.main:
+                continue
             _log_epoch(live, record, progress.best)
             _log_lr_schedule(live, progress.lr_history)
             print(_epoch_line(record, train.epochs), flush=True)
 
-            wall_time_s = progress.elapsed_s + time.perf_counter() - started
             if epoch < train.epochs:
                 snapshot = writer.snapshot(tensors())
                 resume_state = {
@@ -225,7 +255,7 @@ def fit(
                     "lr_history": list(progress.lr_history),
                     "best": progress.best,
                     "wall_time_s": wall_time_s,
-                    "rng": rng_states(),
+                    "rng": rngs,
                 }
                 # The best model first: a resume state on disk never names a best epoch that it does not hold yet.
                 best_file = [(root / paths.RESUME_BEST, checkpoint(snapshot, record, loss))] if improved else []
@@ -243,6 +273,8 @@ def fit(
                 live.log_metric("wall_time_s", round(wall_time_s, 3), plot=False)
     finally:
         writer.close()  # on an error too: the files already handed over are written
+    if not runtime.main:
+        return None
     live.end()
     (root / paths.RESUME).unlink(missing_ok=True)
     return live.summary

@@ -7,11 +7,13 @@
 # ARCHIVE/MD5: a local CIFAR-10 archive (data.url / data.md5). After checking that every import works, it runs these
 # steps in a scratch copy of this checkout, most important first (`dvc repro` for the runs, 24 epochs each):
 #   1. default        the defaults: the 90% and 30 s targets;
-#   2. other-backend  the defaults with the other augment.backend: the same accuracy for both backends?
-#   3. bench          bench.py: our train step and loader against the notebook baseline (the 5x target), ceilings;
-#   4. dilated        dilated_net: the 85% target;
-#   5. dilated-minimum, dilated-dilation, profile, default-minimum, default-max-lr-0.005 and -0.01: as time allows.
-# --quick: steps 1 and 3 only, the benchmark shortened: a first look in about 3 minutes.
+#   2. ddp            the default's train stage again as one process of torchrun: DDP on NCCL with SyncBatchNorm
+#                     (one GPU shows no speed-up: that the path runs, and what it costs against step 1);
+#   3. other-backend  the defaults with the other augment.backend: the same accuracy for both backends?
+#   4. bench          bench.py: our train step and loader against the notebook baseline (the 5x target), ceilings;
+#   5. dilated        dilated_net: the 85% target;
+#   6. dilated-minimum, dilated-dilation, profile, default-minimum, default-max-lr-0.005 and -0.01: as time allows.
+# --quick: steps 1, 2 and 4 only, the benchmark shortened: a first look in about 4 minutes.
 #
 # Before each step it checks the deadline (DEADLINE_S seconds after the start, default 540): a step whose usual
 # length no longer fits is not started, and every step runs under `timeout` with the time left. What is done is
@@ -79,7 +81,7 @@ if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.tot
 
 # What each step usually takes (s), for the deadline check: the runs include starting five stages and, for the
 # first, unpacking the archive.
-run_s=150 first_run_s=200 bench_s=120 profile_s=40
+run_s=150 first_run_s=200 bench_s=120 profile_s=40 ddp_s=100
 bench_args=(--variants --batches 50 --repeats 3)
 profile_args=(--steps 5)
 common=("data.url=$archive" "data.md5=$md5")
@@ -87,7 +89,7 @@ if [ "$quick" = 1 ]; then
     bench_args=(--batches 20 --repeats 1) bench_s=60
 fi
 if [ "$smoke" = 1 ]; then
-    run_s=40 first_run_s=60 bench_s=60 profile_s=20
+    run_s=40 first_run_s=60 bench_s=60 profile_s=20 ddp_s=30
     bench_args=(--model dilated_net --batch-size 32 --batches 2 --repeats 1 --loader-batches 4 --skip stage)
     profile_args=(--model dilated_net --batch-size 32 --steps 1)
     # 100 range-test steps from 1e-5: on 200 real CIFAR-10 images 30 steps from 1e-4 never saw the loss fall 5%.
@@ -164,7 +166,28 @@ step() { # step NAME SECONDS COMMAND...: a benchmark, its output in results/NAME
     save "$name: $([ "$status" = 0 ] && echo done || echo "failed (exit $status)") in $(($(date +%s) - start)) s"
 }
 
+ddp() { # ddp NAME SECONDS: the train stage of the defaults alone, as one process of torchrun (after `run default`)
+    local name=$1 need=$2 start status
+    time_left "$name" "$need" || return 0
+    set_params "${common[@]}"
+    echo "=== $name: torchrun --standalone --nproc-per-node 1 stages/train.py"
+    start=$(date +%s)
+    status=0
+    timeout --kill-after=10 $((deadline - start)) python -m torch.distributed.run --standalone --nproc-per-node 1 \
+        stages/train.py 2>&1 | tee "results/$name.txt" || status=$?
+    mkdir -p "results/$name"
+    cp -r reports/train "results/$name/" 2>/dev/null || true
+    if [ "$status" != 0 ]; then
+        save "$name: failed (exit $status) after $(($(date +%s) - start)) s"
+        return 0
+    fi
+    save "$name: done in $(($(date +%s) - start)) s: $(grep -o 'on 1 process ([a-z]*, [a-z]*)' "results/$name.txt"), \
+$(python -c 'import json; m = json.load(open("reports/train/metrics.json"))
+print("test acc %.2f%%, train stage %.1f s" % (m["test"]["acc"], m["wall_time_s"]))')"
+}
+
 run default "$first_run_s"
+ddp ddp "$ddp_s"
 [ "$quick" = 1 ] || run other-backend "$run_s" "augment.backend=$other_backend"
 step bench "$bench_s" python benchmarks/bench.py "${bench_args[@]}" --out results/bench.json
 if [ "$quick" = 0 ]; then

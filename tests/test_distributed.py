@@ -207,7 +207,7 @@ def test_two_processes_train_the_run_of_one(one_process, two_processes):
         assert np.allclose(two[f"{split}/loss"], one[f"{split}/loss"], rtol=0, atol=LOSS_TOLERANCE), split
         image = 100 / images  # one image, in percent
         assert np.allclose(two[f"{split}/acc"], one[f"{split}/acc"], rtol=0, atol=image + 1e-6), split
-    assert "on 2 processes (cpu)" in result.stdout
+    assert "on 2 processes (cpu, gloo)" in result.stdout
 
 
 def test_two_processes_write_the_outputs_of_one_once(one_process, two_processes):

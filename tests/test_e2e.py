@@ -588,7 +588,7 @@ def test_one_run_on_two_processes_or_on_two_machines_trains_the_same_run(project
         ]
         outputs = [node.communicate(timeout=600)[0] for node in nodes]
         assert [node.returncode for node in nodes] == [0, 0], outputs
-        assert "on 2 processes (cpu)" in outputs[0] and "epoch 2/2" not in outputs[1]
+        assert "on 2 processes (cpu, gloo)" in outputs[0] and "epoch 2/2" not in outputs[1]
         # Process 0, on node 0, writes everything: node 1's clone has no new file and no changed one.
         assert run(node1, "git", "status", "--porcelain", "--ignored=no").stdout == ""
         assert not (node1 / "models/model.pt").exists() and not (node1 / "reports/train_samples.png").exists()

@@ -41,11 +41,13 @@ def test_quick_smoke_run_keeps_every_result(tmp_path):
     done, out = measure(tmp_path, "--quick")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = (out / "summary.txt").read_text().splitlines()
-    assert [line.split(":")[0] for line in summary] == ["default", "bench"]
+    assert [line.split(":")[0] for line in summary] == ["default", "ddp", "bench"]
     assert summary[0].startswith("default: done in") and "test acc" in summary[0]
-    assert summary[1].startswith("bench: done in")
+    assert summary[1].startswith("ddp: done in") and "on 1 process (cpu, gloo), test acc" in summary[1]
+    assert summary[2].startswith("bench: done in")
     names = members(out)
     assert {"results/default/reports/train/metrics.json", "results/default/dvc.lock", "results/bench.json"} <= names
+    assert "results/ddp/train/metrics.json" in names
     assert sorted(p.name for p in out.iterdir()) == ["results.tar.gz", "summary.txt"]  # no temporary file left
 
 

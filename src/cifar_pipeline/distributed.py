@@ -119,6 +119,11 @@ def _die_with_torchrun() -> None:
         os._exit(1)
 
 
+def backend() -> str:
+    """The process group's backend: nccl or gloo."""
+    return str(dist.get_backend())
+
+
 def close() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

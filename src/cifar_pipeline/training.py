@@ -94,7 +94,10 @@ def _train(params: Params, runtime: Runtime | None) -> dict[str, Any] | None:
     if runtime.main:
         save_train_samples(train_loader.dataset, splits.classes, paths.TRAIN_SAMPLES)
         save_augmentation_record(params.augment, backend, mean, std, paths.AUGMENTATIONS)
-        where = f"{runtime.world_size} processes ({runtime.device.type})" if runtime.distributed else runtime.device
+        where = runtime.device
+        if runtime.distributed:
+            processes = f"{runtime.world_size} process{'es' if runtime.world_size > 1 else ''}"
+            where = f"{processes} ({runtime.device.type}, {distributed.backend()})"
         print(
             f"training {params.model.name} on {len(splits.train_labels)} images for {params.train.epochs} epochs on "
             f"{where} (max LR {max_lr:.4g} from {max_lr_source}, {backend} augment backend)",

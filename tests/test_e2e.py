@@ -55,8 +55,8 @@ def deep_update(base: dict, changes: dict) -> dict:
 COMMANDS_RUN: set[tuple[str, ...]] = set()
 
 
-def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+def run(cwd: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = env or dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
@@ -602,6 +602,56 @@ def test_one_run_on_two_processes_or_on_two_machines_trains_the_same_run(project
         assert "up to date" in dvc(project, "status").stdout
     finally:
         restore(project)
+
+
+def test_the_spot_recipe_resumes_on_the_next_machine_and_pushes_the_experiment(project, tmp_path):
+    """cloud/spot_run.sh as cloud/sky.yaml runs it, on two machines that share only the remotes and RESUME_DIR (the
+    bucket): A is taken back (killed) in the middle of the train stage; B, a fresh clone, restores the stages before
+    train from the DVC remote's run cache, resumes after A's last saved epoch and pushes the experiment."""
+    origin, storage, bucket = tmp_path / "origin.git", tmp_path / "dvc-storage", tmp_path / "bucket"
+    run(tmp_path, "git", "init", "-q", "--bare", "--initial-branch=main", str(origin))
+    run(project, "git", "push", "-q", str(origin), "HEAD:refs/heads/main")
+
+    def machine(name: str) -> Path:
+        clone = tmp_path / name
+        run(tmp_path, "git", "clone", "-q", str(origin), str(clone))
+        dvc(clone, "remote", "add", "--local", "-d", "storage", str(storage))  # a real project commits it (README)
+        return clone
+
+    a = machine("a")
+    set_params(a, {"train": {"epochs": 4}})  # the params to run, committed on the branch the recipe clones
+    run(a, "git", "commit", "-qam", "4 epochs")
+    run(a, "git", "push", "-q", "origin", "HEAD:main")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env["RESUME_DIR"] = str(bucket)
+    process = subprocess.Popen(
+        [str(ROOT / "cloud/spot_run.sh"), "spot"],
+        cwd=a,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    state = bucket / "spot/train.pt"
+    deadline = time.monotonic() + 600
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the machine is gone
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    saved = torch.load(state, weights_only=True)["epoch"]
+
+    b = machine("b")
+    result = run(b, str(ROOT / "cloud/spot_run.sh"), "spot", env=env)
+    assert "Running stage 'lr-find'" not in result.stdout  # restored from the run cache: the same pick as on A
+    assert f"resuming after epoch {saved} of 4" in result.stdout, result.stdout
+    assert not (bucket / "spot").exists()
+
+    c = machine("c")  # anyone, later
+    dvc(c, "exp", "pull", "origin", "spot")
+    row = exp_rows(c)["spot"]
+    assert row["params"]["train"]["epochs"] == 4 and row["metrics"]["step"] == 4
+    assert row["metrics"]["test"] == metrics(b)["test"]
 
 
 # Last in this module (pytest runs a module's tests in order): every command above has had its turn.

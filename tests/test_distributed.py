@@ -275,3 +275,29 @@ def test_a_failing_process_ends_the_stage_with_its_message(tmp_path):
     assert "error: the training loss became nan in epoch 1, step 1 of 2" in result.stderr
     assert result.stderr.rstrip().endswith("its message is above")
     assert not (root / "models/model.pt").exists()
+
+
+def test_torchrun_with_another_process_count_than_train_devices_is_refused(tmp_path):
+    """Started by hand (several machines, README), the processes on a machine must be train.devices: dvc.lock records
+    the params, so they must say how the run trained."""
+    root = make_project(tmp_path, DDP)  # train.devices: 1
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(STAGES / "train.py"),
+        ],
+        cwd=root,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    message = "error: torchrun started 2 training processes on this machine but train.devices is 1"
+    assert message in result.stderr and "set train.devices: 2 in params.yaml" in result.stderr
+    assert not (root / "models/model.pt").exists()

@@ -39,6 +39,7 @@ def test_shipped_params_file_sets_every_key_explicitly():
         ({"train": {"max_lr": -0.1}}, "train.max_lr = -0.1: must be 'auto' or a number > 0"),
         ({"train": {"max_lr": "fast"}}, "train.max_lr = 'fast'"),
         ({"train": {"device": "tpu"}}, "train.device = 'tpu': must be 'auto', 'cpu', 'cuda' or 'mps'"),
+        ({"train": {"devices": 0}}, "train.devices = 0: must be greater than or equal to 1"),
         ({"train": {"precision": "fp8"}}, "train.precision = 'fp8': must be 'auto', 'fp32', 'bf16' or 'fp16'"),
         (
             {"train": {"compile": "fast"}},

@@ -71,7 +71,7 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 def load_resume_state(path: str | Path, expected_fingerprint: str, best_path: str | Path) -> dict[str, Any] | None:
     """The saved state of an interrupted run, or None when there is none or it cannot be continued: made with
     other inputs, or the best epoch's model saved beside it (`best_path`) is gone, so that a best epoch from before
-    the kill would never be written again."""
+    the kill would never be written again. A state not continued is moved aside (train.stale.pt, best.stale.pt)."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -84,8 +84,14 @@ def load_resume_state(path: str | Path, expected_fingerprint: str, best_path: st
     if not reason and not Path(best_path).is_file():
         reason = f"{best_path} of the interrupted run is gone"
     if reason:
-        print(f"ignoring {path}: {reason}; starting afresh")
-        path.unlink()
-        Path(best_path).unlink(missing_ok=True)
+        # Moved aside, not deleted: a state ignored by mistake (say, with the package imported from another
+        # checkout) can still be put back by hand. The next state ignored replaces it.
+        kept = []
+        for file in (path, Path(best_path)):
+            if file.is_file():
+                aside = file.with_name(f"{file.stem}.stale{file.suffix}")
+                file.replace(aside)
+                kept.append(str(aside))
+        print(f"ignoring {path}: {reason}; starting afresh (kept as {' and '.join(kept)}: delete when not needed)")
         return None
     return state

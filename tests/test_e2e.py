@@ -549,7 +549,9 @@ def test_one_run_on_two_processes_or_on_two_machines_trains_the_same_run(project
         two_processes = metrics(project)
         restore(project)
 
-        # Node 1: a clone at the same commit, given the train stage's inputs (the README's rsync).
+        # Node 0: every stage before train (up to date here), then node 1: a clone at the same commit, given the train
+        # stage's inputs (the README's rsync).
+        assert stages_run(dvc(project, "repro", "lr-find").stdout) == []
         node1 = tmp_path / "node1"
         run(tmp_path, "git", "clone", "-q", str(project), str(node1))
         for path in ("params.yaml", "data", "reports/lr_find.json"):

@@ -124,6 +124,13 @@ def backend() -> str:
     return str(dist.get_backend())
 
 
+def finish() -> None:
+    """Wait until every process is done with the group (rank 0 writes the last files while the others wait): a
+    process that tears the group down while gloo's threads still serve a peer can die with SIGABRT."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def close() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -161,12 +168,26 @@ class GlobalBatchNorm(nn.BatchNorm2d):
         return out.to(x.dtype)
 
 
-def _summed(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` summed over every process, differentiably: the gradient is summed over the processes too."""
-    # PyTorch's functional collectives (the replacement it names for the deprecated torch.distributed.nn.functional).
-    from torch.distributed._functional_collectives import all_reduce
+class _Summed(torch.autograd.Function):
+    """A tensor summed over every process; its gradient is summed over the processes too (each process's loss
+    depends on every process's share through the batch statistics). Plain blocking all-reduces: PyTorch's
+    functional collectives would do the same asynchronously, which buys nothing here."""
 
-    return all_reduce(tensor, "sum", dist.group.WORLD)
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total
+
+
+def _summed(tensor: torch.Tensor) -> torch.Tensor:
+    return _Summed.apply(tensor)
 
 
 def sync_batchnorm(model: nn.Module, device_type: str) -> nn.Module:

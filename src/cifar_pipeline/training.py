@@ -70,7 +70,9 @@ def train(params: Params) -> dict[str, Any] | None:
     of several processes; None by the others, which write nothing)."""
     runtime = distributed.make_runtime(params.train) if distributed.under_torchrun() else None
     try:
-        return _train(params, runtime)
+        summary = _train(params, runtime)
+        distributed.finish()
+        return summary
     finally:
         distributed.close()
 

@@ -270,8 +270,8 @@ def test_a_killed_two_process_run_leaves_no_process_and_resumes_to_the_same_resu
 def test_a_failing_process_ends_the_stage_with_its_message(tmp_path):
     root = make_project(tmp_path, TWO, std=(1e-40, 1e-40, 1e-40))  # normalised pixels overflow to inf
     result = run_stage(root)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
     assert "error: the training loss became nan in epoch 1, step 1 of 2" in result.stderr
     assert result.stderr.rstrip().endswith("its message is above")
     assert not (root / "models/model.pt").exists()

@@ -191,6 +191,8 @@ def train_epoch(
     step_losses = step_losses.cpu()
     bad = (~torch.isfinite(step_losses)).nonzero()
     if len(bad):
+        if runtime.distributed:  # every process stops here alike: none leaves while another still reads from it
+            torch.distributed.barrier()
         step = int(bad[0])
         raise PipelineError(
             f"the training loss became {step_losses[step].item()} in {desc}, step {step + 1} of {len(sizes)}, "

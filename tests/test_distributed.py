@@ -7,7 +7,6 @@ train.devices: 2, so the train stage starts itself under torchrun, as `dvc repro
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_train_stage import PARAMS, STAGES, make_project, run_stage, stage_env
+from test_train_stage import PARAMS, STAGES, kill_after_a_saved_epoch, make_project, run_stage, stage_env
 from test_training import TIMING, assert_same_outputs, colour_images, outputs, read_tsv
 from torch import nn
 
@@ -239,20 +238,7 @@ def test_a_killed_two_process_run_leaves_no_process_and_resumes_to_the_same_resu
     reference, _ = two_processes
     root = make_project(tmp_path, TWO).resolve()
     resume = root / ".resume/train.pt"
-    process = subprocess.Popen(
-        [sys.executable, str(STAGES / "train.py")],
-        cwd=root,
-        env=stage_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 300
-    while not resume.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)  # the stage alone, as a kill -9 of it would: torchrun's processes too
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_after_a_saved_epoch(root)  # the stage alone: torchrun's processes must die with it
     deadline = time.monotonic() + 30
     while processes_in(root) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -115,8 +115,9 @@ def test_a_number_for_max_lr_is_used_as_it_is(reference, tmp_path):
     assert_same_outputs(mine, theirs)  # the same LR, so the same run
 
 
-def test_a_run_killed_mid_training_resumes_to_the_same_result(reference, tmp_path):
-    root = make_project(tmp_path)
+def kill_after_a_saved_epoch(root: Path) -> None:
+    """Start the train stage in `root` and SIGKILL it (the stage's process alone, in a session of its own, as a
+    `kill -9` of it would) as soon as its first resume state is on disk."""
     resume = root / ".resume/train.pt"
     process = subprocess.Popen(
         [sys.executable, str(STAGES / "train.py")],
@@ -124,6 +125,7 @@ def test_a_run_killed_mid_training_resumes_to_the_same_result(reference, tmp_pat
         env=stage_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 300
     while not resume.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -131,6 +133,12 @@ def test_a_run_killed_mid_training_resumes_to_the_same_result(reference, tmp_pat
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def test_a_run_killed_mid_training_resumes_to_the_same_result(reference, tmp_path):
+    root = make_project(tmp_path)
+    resume = root / ".resume/train.pt"
+    kill_after_a_saved_epoch(root)
     saved = torch.load(resume, weights_only=True)["epoch"]
     assert saved in (1, 2)  # killed in the middle of the run (almost surely during epoch 2)
 

@@ -212,12 +212,6 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` summed over every process, in place (gloo and NCCL both)."""
-    dist.all_reduce(tensor)
-    return tensor
-
-
 def broadcast(obj: Any) -> Any:
     """Rank 0's `obj` on every process (tensors come back on the CPU, as rank 0 had them)."""
     box = [obj]

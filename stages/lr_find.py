@@ -17,7 +17,7 @@ def main() -> None:
     finally:
         # Also when no LR could be suggested: the curve shows the user why (DVC keeps a failed stage's files).
         lr_finder.save_plot(paths.LR_FIND_PLOT, result, suggested, cfg)
-        lr_finder.save_results(paths.LR_FIND, result, suggested, cfg.rule, cfg.num_iter)
+        lr_finder.save_results(paths.LR_FIND, result, suggested, cfg.rule, cfg.num_iter, cfg.repeats)
     stop = "diverged" if result["diverged"] else "ran to the end"
     print(f"suggested max LR {suggested:.4g} ({cfg.rule} rule); the test {stop} after {len(result['lr'])} steps")
 

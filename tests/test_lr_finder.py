@@ -12,8 +12,10 @@ from test_train_stage import PARAMS, make_project, run_stage, set_params
 from test_training import CPU, loader, tiny_model
 
 from cifar_pipeline import lr_finder
+from cifar_pipeline.engine import new_model
 from cifar_pipeline.errors import PipelineError
-from cifar_pipeline.params import LrFindParams
+from cifar_pipeline.loaders import prepare_training
+from cifar_pipeline.params import LrFindParams, parse_params
 
 START, END, N = 1e-7, 10.0, 200
 
@@ -189,6 +191,45 @@ def test_range_test_stops_when_the_loss_diverges():
     )  # fmt: skip
     assert result["diverged"] and len(result["lr"]) < 60
     assert result["loss"][-1] > 2.0 * min(result["loss"][:-1])
+
+
+def test_repeated_tests_are_averaged_step_by_step_up_to_the_first_to_stop():
+    tests = [v_curve(3e-3, noise=0.05, seed=seed) for seed in range(3)]
+    tests[1] = {key: value[:150] if isinstance(value, list) else True for key, value in tests[1].items()}
+    mean = lr_finder.mean_curve(tests, 0.05)
+    assert mean["lr"] == tests[1]["lr"] and mean["diverged"]
+    first, second, third = (test["raw_loss"][:150] for test in tests)
+    raw = [(a + b + c) / 3 for a, b, c in zip(first, second, third, strict=True)]
+    assert mean["raw_loss"] == pytest.approx(raw, rel=1e-12) and len(raw) == 150
+    assert mean["loss"] == pytest.approx(lagging_average(raw, 0.05), rel=1e-12)
+    # Averaging takes noise out of the pick: 30 noisy tests, alone and as 10 means of 3.
+    noisy = [v_curve(3e-3, noise=0.1, seed=seed) for seed in range(30)]
+    alone = np.log10([suggest(test, "descent_end") for test in noisy])
+    means = np.log10([suggest(lr_finder.mean_curve(noisy[i : i + 3], 0.05), "descent_end") for i in range(0, 30, 3)])
+    assert means.std() < 0.8 * alone.std()  # 0.050 against 0.076 decades
+    assert np.abs(means - np.log10(3e-3)).max() < np.abs(alone - np.log10(3e-3)).max()
+
+
+@pytest.mark.slow
+def test_each_repeat_starts_from_a_fresh_model_of_its_own_on_batches_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.chdir(make_project(tmp_path))
+    short = {**PARAMS["lr_find"], "num_iter": 10}  # 5 passes of the tiny loader's 2 batches a test
+    params = parse_params({**PARAMS, "lr_find": {**short, "repeats": 2}})
+    single = lr_finder.run_range_test(params.model_copy(update={"lr_find": LrFindParams(**short)}))
+    repeated = lr_finder.run_range_test(params)
+    # The second test on its own: the model of seed + 1, on the loader's passes after the first test's.
+    runtime, splits, _, _, loader = prepare_training(params)
+    cfg = params.lr_find
+    second = lr_finder.range_test(
+        new_model(params.model, params.seed + 1, runtime, len(splits.classes)), loader, runtime,
+        start_lr=cfg.start_lr, end_lr=cfg.end_lr, num_iter=cfg.num_iter, smooth=cfg.smooth,
+        diverge_threshold=cfg.diverge_threshold, weight_decay=params.train.weight_decay,
+        first_epoch=-(-cfg.num_iter // len(loader)),
+    )  # fmt: skip
+    assert second["raw_loss"][0] != single["raw_loss"][0]  # not a copy of the first test
+    expected = lr_finder.mean_curve([single, second], cfg.smooth)
+    assert repeated["lr"] == expected["lr"] and repeated["diverged"] == expected["diverged"]
+    assert repeated["raw_loss"] == pytest.approx(expected["raw_loss"], rel=1e-6)
 
 
 def test_results_file_is_a_curve_dvc_can_plot(tmp_path):

@@ -38,9 +38,9 @@ MIN_DROP = 0.05
 SEE = "see reports/lr_find.png"
 
 
-def _cycle(loader: DataLoader) -> Iterator:
-    """Batches of `loader` forever, a fresh shuffle and augmentation each pass (the range may outlast one epoch)."""
-    epoch = 0
+def _cycle(loader: DataLoader, epoch: int) -> Iterator:
+    """Batches of `loader` from its pass `epoch` on, forever: a fresh shuffle and augmentation each pass (the range
+    may outlast one epoch)."""
     while True:
         set_epoch(loader, epoch)
         yield from loader_batches(loader)
@@ -58,8 +58,10 @@ def range_test(
     smooth: float,
     diverge_threshold: float,
     weight_decay: float,
+    first_epoch: int = 0,
 ) -> dict[str, Any]:
-    """Run the test on `model` (which it trains: pass a fresh one). Returns lr, loss (smoothed), raw_loss, diverged.
+    """Run the test on `model` (which it trains: pass a fresh one), on the batches of `loader`'s passes from
+    `first_epoch` on. Returns lr, loss (smoothed), raw_loss, diverged.
 
     The LR of step i is start_lr * (end_lr / start_lr) ** (i / (num_iter - 1)). The loss is an exponential moving
     average with weight `smooth` on the newest batch, bias-corrected like Adam's moments so it starts at the first
@@ -74,7 +76,7 @@ def range_test(
     losses: list[float] = []
     raw_losses: list[float] = []
     average, best, diverged = 0.0, math.inf, False
-    batches = _cycle(loader)
+    batches = _cycle(loader, first_epoch)
     for i in range(num_iter):
         images, labels = runtime.to_device(*next(batches))
         lr = start_lr * (end_lr / start_lr) ** (i / (num_iter - 1))
@@ -97,23 +99,59 @@ def range_test(
     return {"lr": lrs, "loss": losses, "raw_loss": raw_losses, "diverged": diverged}
 
 
+def debiased_average(raw_losses: list[float], smooth: float) -> list[float]:
+    """The moving average range_test records as "loss" (weight `smooth` on the newest point, bias-corrected)."""
+    average, out = 0.0, []
+    for i, raw in enumerate(raw_losses):
+        average = (1 - smooth) * average + smooth * raw
+        out.append(average / (1 - (1 - smooth) ** (i + 1)))
+    return out
+
+
+def mean_curve(results: list[dict[str, Any]], smooth: float) -> dict[str, Any]:
+    """Range tests of the same LRs averaged step by step, up to where the first of them stopped: the raw losses are
+    averaged, then smoothed as one test's are. Diverged if that shortest test diverged."""
+    shortest = min(results, key=lambda result: len(result["lr"]))
+    steps = len(shortest["lr"])
+    raw = np.mean([result["raw_loss"][:steps] for result in results], axis=0).tolist()
+    return {
+        "lr": shortest["lr"],
+        "loss": debiased_average(raw, smooth),
+        "raw_loss": raw,
+        "diverged": shortest["diverged"],
+    }
+
+
 def run_range_test(params: Params) -> dict[str, Any]:
-    """The lr-find stage's test: a fresh model, trained on the same batches as the train stage will see."""
+    """The lr-find stage's test: a fresh model, trained on the same batches as the train stage will see.
+
+    With lr_find.repeats > 1 the test runs that many times, each from a fresh model (seeds seed, seed + 1, ...) on
+    batches of its own (the loader's next passes), and the curves are averaged step by step (mean_curve): one test's
+    pick moves several-fold with the seed (README: "The LR range test"). The first test is the single test's.
+    """
     runtime, splits, _, _, loader = prepare_training(params)
     cfg = params.lr_find
+    passes = math.ceil(cfg.num_iter / len(loader))  # of the loader, per test
     steps = f"{cfg.num_iter} steps from {cfg.start_lr:g} to {cfg.end_lr:g}"
-    print(f"LR range test: {steps} on {runtime.device}", flush=True)
-    return range_test(
-        new_model(params.model, params.seed, runtime, len(splits.classes)),
-        loader,
-        runtime,
-        start_lr=cfg.start_lr,
-        end_lr=cfg.end_lr,
-        num_iter=cfg.num_iter,
-        smooth=cfg.smooth,
-        diverge_threshold=cfg.diverge_threshold,
-        weight_decay=params.train.weight_decay,
-    )
+    results = []
+    for i in range(cfg.repeats):
+        of = f" ({i + 1} of {cfg.repeats})" if cfg.repeats > 1 else ""
+        print(f"LR range test{of}: {steps} on {runtime.device}", flush=True)
+        results.append(
+            range_test(
+                new_model(params.model, params.seed + i, runtime, len(splits.classes)),
+                loader,
+                runtime,
+                start_lr=cfg.start_lr,
+                end_lr=cfg.end_lr,
+                num_iter=cfg.num_iter,
+                smooth=cfg.smooth,
+                diverge_threshold=cfg.diverge_threshold,
+                weight_decay=params.train.weight_decay,
+                first_epoch=i * passes,
+            )
+        )
+    return results[0] if cfg.repeats == 1 else mean_curve(results, cfg.smooth)
 
 
 def _longest_descent(losses: list[float]) -> tuple[int, int]:
@@ -256,9 +294,11 @@ def suggest_lr(result: dict[str, Any], cfg: LrFindParams) -> float:
     return RULES[cfg.rule](Curve(lrs, losses, result["raw_loss"], lo, hi, diverged, cfg))
 
 
-def save_results(path: str | Path, result: dict[str, Any], suggested: float | None, rule: str, num_iter: int) -> None:
-    """reports/lr_find.json: the curve as a list of records under "curve" (the shape `dvc plots` draws), and the
-    suggestion beside it.
+def save_results(
+    path: str | Path, result: dict[str, Any], suggested: float | None, rule: str, num_iter: int, repeats: int = 1
+) -> None:
+    """reports/lr_find.json: the curve (the mean of `repeats` tests) as a list of records under "curve" (the shape
+    `dvc plots` draws), and the suggestion beside it.
 
     No wall time in it: the train stage depends on this file, and a time that differs on every rerun would make DVC
     rerun training even when the curve and the suggestion are the same (the stage writes its time to a file of its
@@ -275,6 +315,7 @@ def save_results(path: str | Path, result: dict[str, Any], suggested: float | No
             "rule": rule,
             "num_iter": num_iter,
             "num_iter_run": len(curve),
+            "repeats": repeats,
             "diverged": result["diverged"],
             "curve": curve,
         },
@@ -290,7 +331,8 @@ def save_plot(path: str | Path, result: dict[str, Any], suggested: float | None,
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-    ax.plot(result["lr"], result["raw_loss"], color="tab:blue", alpha=0.25, linewidth=0.8, label="loss per batch")
+    per_batch = "loss per batch" + (f" (mean of {cfg.repeats} tests)" if cfg.repeats > 1 else "")
+    ax.plot(result["lr"], result["raw_loss"], color="tab:blue", alpha=0.25, linewidth=0.8, label=per_batch)
     ax.plot(result["lr"], result["loss"], color="tab:blue", linewidth=2, label="moving average (lags)")
     centred = centred_average(result["raw_loss"], cfg.smooth) if result["raw_loss"] else np.array([])
     if len(centred):

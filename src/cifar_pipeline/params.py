@@ -108,6 +108,7 @@ class LrFindParams(_Section):
     diverge_threshold: float = Field(default=5.0, gt=1.0)
     rule: LrRule = "descent_end"
     divisor: float = Field(default=1.0, ge=1.0)  # descent_end only: its LR is divided by this
+    repeats: int = Field(default=1, ge=1)  # range tests averaged step by step (lr_finder.run_range_test)
 
     @model_validator(mode="after")
     def _range_increases(self) -> LrFindParams:

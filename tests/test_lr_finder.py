@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import dvc_plot_values
+from conftest import ROOT, dvc_plot_values
 from test_train_stage import PARAMS, make_project, run_stage, set_params
 from test_training import CPU, loader, tiny_model
 
@@ -230,6 +231,18 @@ def test_each_repeat_starts_from_a_fresh_model_of_its_own_on_batches_of_its_own(
     expected = lr_finder.mean_curve([single, second], cfg.smooth)
     assert repeated["lr"] == expected["lr"] and repeated["diverged"] == expected["diverged"]
     assert repeated["raw_loss"] == pytest.approx(expected["raw_loss"], rel=1e-6)
+
+
+def test_the_seed_spread_tables_are_what_the_stored_curves_give():
+    """docs/results/lr_find_seeds.md's tables, recomputed from the curves stored beside it."""
+    spec = importlib.util.spec_from_file_location("lr_find_seeds", ROOT / "benchmarks" / "lr_find_seeds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    summary = module.summarise("dilated_net")
+    assert len(summary["per_seed"]) == 11 and summary["descent_end"][1]["n"] == 11
+    doc = (ROOT / "docs/results/lr_find_seeds.md").read_text()
+    for table in module.markdown(summary).split("\n\n"):
+        assert table in doc
 
 
 def test_results_file_is_a_curve_dvc_can_plot(tmp_path):

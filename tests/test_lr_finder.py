@@ -248,9 +248,10 @@ def test_the_seed_spread_tables_are_what_the_stored_curves_give():
 def test_results_file_is_a_curve_dvc_can_plot(tmp_path):
     result = curve(-3.0, blowup=-1.0)
     path = tmp_path / "reports/lr_find.json"
-    lr_finder.save_results(path, result, 1e-3, "steepest", N)
+    lr_finder.save_results(path, result, 1e-3, "steepest", N, repeats=3)
     saved = json.loads(path.read_text())
     assert saved["suggested_lr"] == 1e-3 and saved["rule"] == "steepest" and "wall_time_s" not in saved
+    assert saved["repeats"] == 3
     assert saved["num_iter"] == N and saved["num_iter_run"] == len(result["lr"]) and saved["diverged"]
     assert [r["lr"] for r in saved["curve"]] == result["lr"]
     assert [r["loss"] for r in saved["curve"]] == result["loss"]
@@ -268,7 +269,7 @@ def test_the_stage_writes_the_curve_the_plot_and_a_suggestion(tmp_path):
     assert result.returncode == 0, result.stderr
     saved = json.loads((root / "reports/lr_find.json").read_text())
     cfg = PARAMS["lr_find"]
-    assert saved["rule"] == "descent_end" and saved["num_iter"] == cfg["num_iter"]
+    assert saved["rule"] == "descent_end" and saved["num_iter"] == cfg["num_iter"] and saved["repeats"] == 1
     lrs = [r["lr"] for r in saved["curve"]]
     assert lrs[0] == cfg["start_lr"] and lrs == sorted(lrs) and len(lrs) == saved["num_iter_run"]
     assert lrs[3] < saved["suggested_lr"] < lrs[-2]

@@ -75,7 +75,7 @@ def range_test(
     lrs: list[float] = []
     losses: list[float] = []
     raw_losses: list[float] = []
-    average, best, diverged = 0.0, math.inf, False
+    best, diverged = math.inf, False
     batches = _cycle(loader, first_epoch)
     for i in range(num_iter):
         images, labels = runtime.to_device(*next(batches))
@@ -87,11 +87,10 @@ def range_test(
         if not math.isfinite(raw):
             diverged = True
             break
-        average = (1 - smooth) * average + smooth * raw
-        smoothed = average / (1 - (1 - smooth) ** (i + 1))
+        raw_losses.append(raw)
+        smoothed = debiased_average(raw_losses, smooth)[-1]  # 200 steps: recomputing it costs microseconds
         lrs.append(lr)
         losses.append(smoothed)
-        raw_losses.append(raw)
         best = min(best, smoothed)
         if smoothed > diverge_threshold * best:
             diverged = True
@@ -151,7 +150,7 @@ def run_range_test(params: Params) -> dict[str, Any]:
                 first_epoch=i * passes,
             )
         )
-    return results[0] if cfg.repeats == 1 else mean_curve(results, cfg.smooth)
+    return mean_curve(results, cfg.smooth)  # of one test: that test
 
 
 def _longest_descent(losses: list[float]) -> tuple[int, int]:

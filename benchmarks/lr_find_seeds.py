@@ -27,10 +27,10 @@ from cifar_pipeline.params import LrFindParams, load_params, parse_params
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 GROUPS = (1, 2, 3, 5)
-# dilated_net's 24-epoch runs: 84.84-85.10% from max LR 0.0088 to 0.0168 in bf16, about a point less at 0.0020 and at
-# 0.0387 (docs/results/lr_find_seeds.md lists them). Picks outside this band risk that point; its edges
-# are a judgement between those measurements.
-GOOD_BAND = (0.006, 0.025)
+# The max LRs each model's 24-epoch runs did well at (docs/results/lr_find_seeds.md lists them); its edges are a
+# judgement between those measurements. dilated_net: 84.84-85.10% from 0.0088 to 0.0168 in bf16, about a point less at
+# 0.0020 and at 0.0387. custom_resnet: 89.93% at 0.00166 and 90.28% at 0.01, 0.7 points less at 0.000667.
+GOOD_BANDS = {"dilated_net": (0.006, 0.025), "custom_resnet": (0.0015, 0.012)}
 
 
 def curves_path(model: str) -> Path:
@@ -61,9 +61,9 @@ def pick(result: dict, rule: str) -> float | None:
         return None
 
 
-def spread(picks: list[float]) -> dict:
+def spread(picks: list[float], band: tuple[float, float]) -> dict:
     """Median, 10th-90th percentile, extremes, the standard deviation of log10 (0.1: picks within a factor 1.26),
-    and how many fall outside GOOD_BAND."""
+    and how many fall outside `band`."""
     logs = np.log10(picks)
     p10, p90 = 10 ** np.percentile(logs, [10, 90])
     return {
@@ -74,7 +74,7 @@ def spread(picks: list[float]) -> dict:
         "min": min(picks),
         "max": max(picks),
         "std_log10": float(logs.std(ddof=1)),
-        "outside": sum(not GOOD_BAND[0] <= p <= GOOD_BAND[1] for p in picks),
+        "outside": sum(not band[0] <= p <= band[1] for p in picks),
     }
 
 
@@ -84,23 +84,24 @@ def summarise(model: str) -> dict:
     smooth = LrFindParams().smooth
     groups = {
         k: spread(
-            [pick(lr_finder.mean_curve(list(g), smooth), "descent_end") for g in itertools.combinations(tests, k)]
+            [pick(lr_finder.mean_curve(list(g), smooth), "descent_end") for g in itertools.combinations(tests, k)],
+            GOOD_BANDS[model],
         )
         for k in GROUPS
         if k <= len(tests)
     }
-    return {"per_seed": per_seed, "descent_end": groups}
+    return {"model": model, "per_seed": per_seed, "descent_end": groups}
 
 
 def markdown(summary: dict) -> str:
-    rules = list(lr_finder.RULES)
+    rules, band = list(lr_finder.RULES), GOOD_BANDS[summary["model"]]
     lines = ["| seed | " + " | ".join(f"`{r}`" for r in rules) + " |", "|---:|" + "---:|" * len(rules)]
     for seed, picks in summary["per_seed"].items():
         lines.append(f"| {seed} | " + " | ".join("-" if picks[r] is None else f"{picks[r]:.3g}" for r in rules) + " |")
     lines += [
         "",
         f"| tests averaged (lr_find.repeats) | groups | median | 10-90% | min - max | std of log10 | "
-        f"outside {GOOD_BAND[0]:g}-{GOOD_BAND[1]:g} |",
+        f"outside {band[0]:g}-{band[1]:g} |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k, s in summary["descent_end"].items():

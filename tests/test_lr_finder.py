@@ -233,13 +233,14 @@ def test_each_repeat_starts_from_a_fresh_model_of_its_own_on_batches_of_its_own(
     assert repeated["raw_loss"] == pytest.approx(expected["raw_loss"], rel=1e-6)
 
 
-def test_the_seed_spread_tables_are_what_the_stored_curves_give():
+@pytest.mark.parametrize("model, seeds", [("dilated_net", 11), ("custom_resnet", 3)])
+def test_the_seed_spread_tables_are_what_the_stored_curves_give(model, seeds):
     """docs/results/lr_find_seeds.md's tables, recomputed from the curves stored beside it."""
     spec = importlib.util.spec_from_file_location("lr_find_seeds", ROOT / "benchmarks" / "lr_find_seeds.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    summary = module.summarise("dilated_net")
-    assert len(summary["per_seed"]) == 11 and summary["descent_end"][1]["n"] == 11
+    summary = module.summarise(model)
+    assert len(summary["per_seed"]) == seeds and summary["descent_end"][1]["n"] == seeds
     doc = (ROOT / "docs/results/lr_find_seeds.md").read_text()
     for table in module.markdown(summary).split("\n\n"):
         assert table in doc

@@ -73,7 +73,7 @@ def spread(picks: list[float], band: tuple[float, float]) -> dict:
         "p90": float(p90),
         "min": min(picks),
         "max": max(picks),
-        "std_log10": float(logs.std(ddof=1)),
+        "std_log10": float(logs.std(ddof=1)) if len(picks) > 1 else None,  # of one pick: none
         "outside": sum(not band[0] <= p <= band[1] for p in picks),
     }
 
@@ -105,9 +105,10 @@ def markdown(summary: dict) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k, s in summary["descent_end"].items():
+        std = "-" if s["std_log10"] is None else f"{s['std_log10']:.3f}"
         lines.append(
             f"| {k} | {s['n']} | {s['median']:.3g} | {s['p10']:.3g} - {s['p90']:.3g} | {s['min']:.3g} - {s['max']:.3g} "
-            f"| {s['std_log10']:.3f} | {s['outside']} ({s['outside'] / s['n']:.0%}) |"
+            f"| {std} | {s['outside']} ({s['outside'] / s['n']:.0%}) |"
         )
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -175,10 +176,22 @@ def one_process(tmp_path_factory) -> Path:
     return root
 
 
+# A process of a two-process CPU run (gloo) very rarely dies with SIGABRT and this line alone from C++: once in the
+# suite's runs so far (2026-12-05, 5 s into the run), and in none of 50 runs of the stage on their own after it.
+# Where it happens is not known yet (the one failure left no more than that line), so the fixture reruns the run once
+# from scratch and warns with what the failure left (pytest's warnings summary shows it).
+GLOO_ABORT = "terminate called without an active exception"
+
+
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     root = make_project(tmp_path_factory.mktemp("two"), TWO)
     result = run_stage(root)
+    if result.returncode != 0 and GLOO_ABORT in result.stderr:
+        left = f"{result.stdout}\n{result.stderr}"
+        warnings.warn(f"two-process run aborted, run again from scratch:\n{left}", stacklevel=1)
+        root = make_project(tmp_path_factory.mktemp("two-again"), TWO)
+        result = run_stage(root)
     assert result.returncode == 0, result.stderr
     return root, result
 

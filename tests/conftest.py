@@ -17,6 +17,15 @@ MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 
 
+# A CPU process of a run on several processes (gloo) very rarely dies with SIGABRT and this line alone from C++: twice
+# in the suite's runs so far (2026-12-05: rank 1 of test_distributed's two-process run, 5 s in; rank 2 of its
+# test_a_step_on_several_processes_has_the_gradient_of_one), and in none of 93 runs of either on their own. Where it
+# happens is not known yet (neither failure left more than that line; distributed.report_crashes now has such a process
+# print its Python stacks), so the suite's runs on several processes rerun once on it and warn with what the failure
+# left (pytest's warnings summary shows it).
+GLOO_ABORT = "terminate called without an active exception"
+
+
 def pytest_collection_modifyitems(config, items):
     if SHARED_CIFAR.is_file():
         return

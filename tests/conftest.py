@@ -1,6 +1,7 @@
 """Shared test set-up: offline, quiet, small, and the paths tests need."""
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,15 @@ SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 
 # A CPU process of a run on several processes (gloo) very rarely dies with SIGABRT and this line alone from C++: twice
 # in the suite's runs so far (2026-12-05: rank 1 of test_distributed's two-process run, 5 s in; rank 2 of its
-# test_a_step_on_several_processes_has_the_gradient_of_one), and in none of 93 runs of either on their own. Where it
+# test_a_step_on_several_processes_has_the_gradient_of_one), and in none of 113 runs of either on their own. Where it
 # happens is not known yet (neither failure left more than that line; distributed.report_crashes now has such a process
 # print its Python stacks), so the suite's runs on several processes rerun once on it and warn with what the failure
 # left (pytest's warnings summary shows it).
 GLOO_ABORT = "terminate called without an active exception"
+
+
+def gloo_aborted(result: subprocess.CompletedProcess) -> bool:
+    return result.returncode != 0 and GLOO_ABORT in result.stderr
 
 
 def pytest_collection_modifyitems(config, items):

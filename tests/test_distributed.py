@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import GLOO_ABORT
+from conftest import gloo_aborted
 from test_train_stage import PARAMS, STAGES, kill_after_a_saved_epoch, make_project, run_stage, stage_env
 from test_training import TIMING, assert_same_outputs, colour_images, outputs, read_tsv
 from torch import nn
@@ -199,16 +199,12 @@ def one_process(tmp_path_factory) -> Path:
     return root
 
 
-def aborted(result: subprocess.CompletedProcess) -> bool:
-    return result.returncode != 0 and GLOO_ABORT in result.stderr
-
-
 def run_stage_on_processes(root: Path) -> subprocess.CompletedProcess:
     """run_stage, once more in place on gloo's abort (the stage resumes after its last saved epoch, which
     test_a_killed_two_process_run_leaves_no_process_and_resumes_to_the_same_result shows changes nothing); the
     stdout of both runs."""
     result = run_stage(root)
-    if aborted(result):
+    if gloo_aborted(result):
         warnings.warn(f"a training process aborted, run again:\n{result.stdout}\n{result.stderr}", stacklevel=2)
         first = result.stdout
         result = run_stage(root)
@@ -220,7 +216,7 @@ def run_stage_on_processes(root: Path) -> subprocess.CompletedProcess:
 def two_processes(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     root = make_project(tmp_path_factory.mktemp("two"), TWO)
     result = run_stage(root)
-    if aborted(result):  # from scratch: the tests count the epochs it prints
+    if gloo_aborted(result):  # from scratch: the tests count the epochs it prints
         left = f"{result.stdout}\n{result.stderr}"
         warnings.warn(f"two-process run aborted, run again from scratch:\n{left}", stacklevel=1)
         root = make_project(tmp_path_factory.mktemp("two-again"), TWO)

@@ -24,7 +24,7 @@ import pytest
 import torch
 import yaml
 from archives import CLASSES, learnable_archive
-from conftest import GLOO_ABORT, ROOT
+from conftest import GLOO_ABORT, ROOT, gloo_aborted
 from PIL import Image
 
 pytestmark = pytest.mark.e2e
@@ -546,7 +546,7 @@ def test_one_run_on_two_processes_or_on_two_machines_trains_the_same_run(project
     try:
         command = ("exp", "run", "-n", "two-processes", "-S", "train.devices=2")
         result = dvc(project, *command, check=False)
-        if result.returncode != 0 and GLOO_ABORT in result.stderr:  # the rerun resumes after the last saved epoch
+        if gloo_aborted(result):  # the rerun resumes after the last saved epoch
             warnings.warn(f"a training process aborted, run again:\n{result.stdout}\n{result.stderr}", stacklevel=1)
             result = dvc(project, *command)
         assert result.returncode == 0, result.stderr

@@ -125,7 +125,7 @@ def report_crashes() -> None:
     """Have a process that dies in C++ (SIGABRT, SIGSEGV) print every Python thread's stack to stderr first.
 
     A CPU process of gloo very rarely dies with SIGABRT and no more than "terminate called without an active
-    exception" (seen twice in the suite's runs, not reproduced in 140 runs on their own); the stacks say where.
+    exception" (twice in the suite's runs, tests/conftest.py); the stacks say where.
     """
     if not faulthandler.is_enabled():
         faulthandler.enable()

@@ -48,6 +48,32 @@ def test_the_rule_table_names_every_rule_and_its_picks_on_the_stored_curves():
             assert f"{picked:.3g}" == shown, f"README shows {shown} for {rule} on {model}, the curve gives {picked:.3g}"
 
 
+def test_the_models_table_gives_each_model_its_parameter_count():
+    from cifar_pipeline.choices import MODEL_NAMES
+    from cifar_pipeline.models import build_model
+
+    table = README.split("Two models ship with it:", 1)[1].split("\n\n", 2)[1]
+    rows = re.findall(r"^\| `(\w+)`(?: \(default\))? \| [^|]+ \| ([\d,]+) \| [^|]+ \|$", table, flags=re.MULTILINE)
+    assert [name for name, _ in rows] == list(MODEL_NAMES), table
+    for name, shown in rows:
+        count = sum(p.numel() for p in build_model(name).parameters())
+        assert shown == f"{count:,}", f"README shows {shown} parameters for {name}, the model has {count:,}"
+
+
+def test_each_results_row_gives_the_mean_and_std_of_the_runs_it_lists():
+    import statistics
+
+    section = README.split("## Results", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    spreads = [re.search(r"\*\*([\d.]+)% ± ([\d.]+)\*\*, n = (\d+) \(seeds [^;]+; ([\d., ]+)\)", row) for row in rows]
+    assert sum(1 for s in spreads if s) >= 2, "the default rows give mean ± std with n"
+    for spread in filter(None, spreads):
+        mean, std, n, runs = spread.groups()
+        values = [float(v) for v in runs.split(",")]
+        assert len(values) == int(n), spread.group(0)
+        assert f"{statistics.mean(values):.2f}" == mean and f"{statistics.stdev(values):.2f}" == std, spread.group(0)
+
+
 def using_the_model_blocks(language: str) -> list[str]:
     section = README.split("## Using the model", 1)[1].split("\n## ", 1)[0]
     return re.findall(rf"```{language}\n(.*?)```", section, flags=re.DOTALL)

@@ -408,36 +408,6 @@ def test_an_exp_run_killed_in_train_resumes_on_the_next_exp_run(project):
     restore(project)
 
 
-def test_queued_sweep_runs_both_and_can_be_compared_applied_and_branched(project):
-    dvc(project, "exp", "run", "--queue", "-S", "train.max_lr=0.01,0.03")
-    dvc(project, "queue", "start", "-j", "1")
-    # `dvc queue start` returns at once, leaving a worker to run the queue: wait for it to empty.
-    deadline = time.monotonic() + 600
-    while re.search(r"\b(Queued|Running)\b", status := dvc(project, "queue", "status").stdout):
-        assert time.monotonic() < deadline, status
-        time.sleep(2)
-    assert "Failed" not in status, status
-    rows = exp_rows(project)
-    swept = {name: row for name, row in rows.items() if row["params"].get("train", {}).get("max_lr") in (0.01, 0.03)}
-    assert len(swept) == 2, rows
-    assert {round(row["metrics"]["max_lr"], 6) for row in swept.values()} == {0.01, 0.03}
-
-    names = sorted(swept, key=lambda n: swept[n]["params"]["train"]["max_lr"])
-    diff = dvc(project, "plots", "diff", names[0], names[1], "-o", "plots-diff").stdout
-    assert (project / "plots-diff" / "index.html").is_file(), diff
-
-    dvc(project, "exp", "apply", names[1])
-    assert yaml.safe_load((project / "params.yaml").read_text())["train"]["max_lr"] == 0.03
-    assert metrics(project)["max_lr"] == pytest.approx(0.03)
-    assert "max_lr" in dvc(project, "params", "diff").stdout
-    assert "reports/train/metrics.json" in dvc(project, "metrics", "diff").stdout
-
-    dvc(project, "exp", "branch", names[0], "lr-001")
-    shown = run(project, "git", "show", "lr-001:params.yaml").stdout
-    assert yaml.safe_load(shown)["train"]["max_lr"] == 0.01
-    restore(project)
-
-
 def report_accuracies(project: Path) -> dict[str, tuple[str, int, float | None]]:
     """DVC's own view of every experiment: {name: (state, seed, the report's test_acc)}. A failed one carries its
     baseline's metrics files."""
@@ -452,11 +422,13 @@ def report_accuracies(project: Path) -> dict[str, tuple[str, int, float | None]]
     return found
 
 
-def test_cifar_results_gives_a_seed_sweep_its_spread_and_lists_a_failed_run(project, tmp_path):
-    # The README's seed sweep (hydra's range: 1, 2), and a run that fails at check-params.
+def test_a_queued_seed_sweep_is_summarised_compared_applied_and_branched(project, tmp_path):
+    # The README's seed sweep (hydra's range: 1, 2), and a run that fails at check-params. One queue for all the
+    # experiment commands: each queued run costs the suite seconds.
     dvc(project, "exp", "run", "--queue", "-S", "seed=range(1,3)", "-S", "train.max_lr=0.015")
     dvc(project, "exp", "run", "--queue", "-n", "broken", "-S", "seed=9", "-S", "model.name=vgg")
     dvc(project, "queue", "start", "-j", "1")
+    # `dvc queue start` returns at once, leaving a worker to run the queue: wait for it to empty.
     deadline = time.monotonic() + 600
     while re.search(r"\b(Queued|Running)\b", status := dvc(project, "queue", "status").stdout):
         assert time.monotonic() < deadline, status
@@ -480,12 +452,32 @@ def test_cifar_results_gives_a_seed_sweep_its_spread_and_lists_a_failed_run(proj
     assert group["reached_target"] == 1 + (sweep[0] == sweep[1])  # the target is the better run's accuracy
     assert group["train_time_s"]["n"] == 2 and group["test_acc_flip_tta"]["n"] == 2
     assert "seed" not in group["params"] and group["params"]["train.max_lr"] == 0.015
-    # Every other finished experiment of this module is in a group of its own params (max LR 0.02, 0.01, ...).
+    # Every other finished experiment of this module is in a group of its own params (max LR 0.02, ...).
     assert sum(g["n"] for g in document["groups"]) == sum(state == "success" for state, _, _ in seen.values())
 
     broken = [run for run in document["failed"] if run["seed"] == 9]
     assert len(broken) == 1 and broken[0]["state"] == "failed", document["failed"]
     assert "- broken (seed 9, model.name=vgg" in result.stdout and "dvc queue logs broken" in result.stdout
+
+    # The sweep's runs compared, one applied to the workspace, the other kept as a branch.
+    rows = exp_rows(project)
+    swept = {name: row for name, row in rows.items() if row["params"].get("seed") in (1, 2)}
+    assert len(swept) == 2 and {round(row["metrics"]["max_lr"], 6) for row in swept.values()} == {0.015}, rows
+    names = sorted(swept, key=lambda n: swept[n]["params"]["seed"])
+    diff = dvc(project, "plots", "diff", names[0], names[1], "-o", "plots-diff").stdout
+    assert (project / "plots-diff" / "index.html").is_file(), diff
+
+    dvc(project, "exp", "apply", names[1])
+    applied = yaml.safe_load((project / "params.yaml").read_text())
+    assert (applied["seed"], applied["train"]["max_lr"]) == (2, 0.015)
+    assert metrics(project) == swept[names[1]]["metrics"]
+    changed = dvc(project, "params", "diff").stdout
+    assert "seed" in changed and "max_lr" in changed, changed
+    assert "reports/train/metrics.json" in dvc(project, "metrics", "diff").stdout
+
+    dvc(project, "exp", "branch", names[0], "seed-1")
+    shown = run(project, "git", "show", "seed-1:params.yaml").stdout
+    assert yaml.safe_load(shown)["seed"] == 1
     restore(project)
 
 

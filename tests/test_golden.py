@@ -1,13 +1,16 @@
 """Behaviour pinned: a tiny run of the stage scripts, end to end on the CPU, against a golden record of its numbers.
 
-A restructuring of the package must leave what a run computes unchanged. tests/golden/tiny_run.json holds what
+A restructuring of the package must leave what a run computes unchanged. tests/golden/tiny_run*.json hold what
 stages/{download,compute_mean_std,lr_find,train,report}.py computed in a scratch project on a synthetic archive:
 the range test's curve and suggestion, every epoch's metrics, a digest of the final weights and the report's
-accuracy. On the kind of machine that wrote it (its `platform` entry: CPU model, thread count, torch) every number
-must match bit for bit; elsewhere other CPU kernels round differently, so floats match to 1e-4 (relative) and
-accuracies to one test image.
+accuracy, one record for each kind of machine it was recorded on (its `platform` entry: CPU model and vector units,
+thread count, torch). On such a machine every number must match bit for bit. Elsewhere other CPU kernels round
+differently and training amplifies it, so the run is held to the loose bounds below, measured between an AMD EPYC
+(Zen 4) and an Intel Xeon with AMX: the range test's early losses to 1e-3, the epochs' losses to 2%, accuracies to
+two test images, the suggestion to two of the range test's steps.
 
-After a change that is meant to change results, rewrite the record and say why in the commit:
+After a change that is meant to change results, rewrite the record and say why in the commit; this deletes the
+records of other machines, which the change made stale (they fall back to the loose bounds until re-recorded there):
     UPDATE_GOLDEN=1 pytest tests/test_golden.py
 """
 
@@ -18,11 +21,11 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -31,12 +34,15 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.slow  # subprocesses or large models: make test-fast skips it
 
-GOLDEN = Path(__file__).parent / "golden" / "tiny_run.json"
+GOLDEN_DIR = Path(__file__).parent / "golden"
 STAGES = ["download", "compute_mean_std", "lr_find", "train", "report"]
 PARAMS = {
     "seed": 3,
     "data": {"url": "tiny.tar.gz", "md5": None, "num_workers": 0},
     "model": {"name": "dilated_net"},
+    # The hole's probability of the run that wrote the record (the default until 2026-12-05): the record pins what
+    # the code computes, and stays comparable across that change of default.
+    "augment": {"coarse_dropout_p": 0.5},
     "lr_find": {"start_lr": 1e-5, "end_lr": 10.0, "num_iter": 30},
     # A fixed max LR: on another CPU the range test's pick may move by a step, and training must not follow it.
     "train": {"epochs": 2, "peak_epoch": 1, "batch_size": 50, "max_lr": 0.01, "device": "cpu", "precision": "fp32"},
@@ -101,23 +107,39 @@ def tiny_run(project: Path) -> dict:
     }
 
 
+def records() -> dict[Path, dict]:
+    return {path: json.loads(path.read_text()) for path in sorted(GOLDEN_DIR.glob("tiny_run*.json"))}
+
+
+def record_path(platform_name: str) -> Path:
+    model = re.sub(r"\((r|tm)\)", "", platform_name.split(" (")[0].lower())
+    slug = re.sub(r"[^a-z0-9]+", "_", model).strip("_")
+    return GOLDEN_DIR / f"tiny_run.{slug}.json"
+
+
 def test_a_tiny_run_computes_what_the_golden_record_says(tmp_path):
     run = tiny_run(tmp_path / "project")
     if os.environ.get("UPDATE_GOLDEN"):
-        GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps(run, indent=1) + "\n")
-    golden = json.loads(GOLDEN.read_text())
-    if run["platform"] == golden["platform"]:
-        assert run == golden
+        for stale in records():
+            stale.unlink()
+        GOLDEN_DIR.mkdir(exist_ok=True)
+        record_path(run["platform"]).write_text(json.dumps(run, indent=1) + "\n")
+    known = records()
+    assert known, f"no golden record in {GOLDEN_DIR}: UPDATE_GOLDEN=1 writes one"
+    same_machine = [golden for golden in known.values() if golden["platform"] == run["platform"]]
+    if same_machine:
+        assert run == same_machine[0]
         return
-    one_image = 100 / TEST_IMAGES + 1e-6
+    golden = next(iter(known.values()))
+    two_images = 2 * 100 / TEST_IMAGES + 1e-6
     step = (PARAMS["lr_find"]["end_lr"] / PARAMS["lr_find"]["start_lr"]) ** (1 / (PARAMS["lr_find"]["num_iter"] - 1))
-    assert golden["suggested_lr"] / step * 0.999 <= run["suggested_lr"] <= golden["suggested_lr"] * step * 1.001
-    # Up to the lowest loss: past it the loss diverges, and rounding differences grow without bound.
-    descent = int(np.argmin(golden["range_test_raw_loss"])) + 1
-    assert run["range_test_raw_loss"][:descent] == pytest.approx(golden["range_test_raw_loss"][:descent], rel=1e-3)
+    assert golden["suggested_lr"] / step**2 * 0.999 <= run["suggested_lr"] <= golden["suggested_lr"] * step**2 * 1.001
+    # The first third of the range test, at LRs too small to amplify rounding: AMD and Intel differ by 1.5e-4 there,
+    # and by 1.2% five steps later.
+    early = PARAMS["lr_find"]["num_iter"] // 3
+    assert run["range_test_raw_loss"][:early] == pytest.approx(golden["range_test_raw_loss"][:early], rel=1e-3)
     for name, values in golden["epochs"].items():
-        tolerance = {"abs": one_image} if name.endswith("acc") else {"rel": 1e-3}
+        tolerance = {"abs": two_images} if name.endswith("acc") else {"rel": 2e-2}  # measured: 0.54%, one image
         assert run["epochs"][name] == pytest.approx(values, **tolerance), name
-    assert run["test_acc"] == pytest.approx(golden["test_acc"], abs=one_image)
-    assert run["test_acc_flip_tta"] == pytest.approx(golden["test_acc_flip_tta"], abs=one_image)
+    assert run["test_acc"] == pytest.approx(golden["test_acc"], abs=two_images)
+    assert run["test_acc_flip_tta"] == pytest.approx(golden["test_acc_flip_tta"], abs=two_images)

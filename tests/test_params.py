@@ -4,6 +4,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
+from cifar_pipeline.augment import train_transforms
 from cifar_pipeline.params import ParamsError, load_params, parse_params
 
 
@@ -16,8 +17,28 @@ def test_shipped_params_file_is_valid_and_holds_the_specified_recipe():
     assert params.model.name == "custom_resnet"
     assert params.model.dropout == 0.0
     assert params.augment.hole_size == 16
+    assert yaml.safe_load((ROOT / "params.yaml").read_text())["augment"]["coarse_dropout_p"] == "auto"
+    assert params.augment.coarse_dropout_p == 0.5  # custom_resnet's
     assert params.augment.backend == "auto"
     assert params.data.md5 == "c58f30108f718f92721af3b95e74349a"
+
+
+@pytest.mark.parametrize(
+    ("model", "written", "expected"),
+    [
+        ("custom_resnet", "auto", 0.5),
+        ("dilated_net", "auto", 0.25),
+        ("dilated_net", None, 0.25),  # absent: as auto
+        ("dilated_net", 0.5, 0.5),
+        ("custom_resnet", 0.0, 0.0),
+    ],
+)
+def test_the_holes_probability_auto_is_the_models_own_and_a_number_is_kept(model, written, expected):
+    augment = {} if written is None else {"coarse_dropout_p": written}
+    params = parse_params({"model": {"name": model}, "augment": augment})
+    assert params.augment.coarse_dropout_p == expected
+    hole = train_transforms(params.augment, (0.5, 0.5, 0.5)).transforms[-1]
+    assert type(hole).__name__ == "CoarseDropout" and hole.p == expected  # what training draws from
 
 
 def test_shipped_params_file_sets_every_key_explicitly():
@@ -56,6 +77,12 @@ def test_shipped_params_file_sets_every_key_explicitly():
         ({"data": {"train_subset": 100, "val_size": 100}}, "data.val_size (100) must be smaller"),
         ({"lr_find": {"start_lr": 1.0, "end_lr": 0.1}}, "lr_find.end_lr (0.1) must be greater than"),
         ({"augment": {"hflip_p": 1.5}}, "augment.hflip_p = 1.5: must be less than or equal to 1"),
+        (
+            {"augment": {"coarse_dropout_p": "often"}},
+            "augment.coarse_dropout_p = 'often': must be 'auto' (by model: custom_resnet 0.5, dilated_net 0.25) or a "
+            "number from 0 to 1",
+        ),
+        ({"augment": {"coarse_dropout_p": -0.1}}, "augment.coarse_dropout_p = -0.1: must be greater than or equal"),
         ({"augment": {"backend": "cuda"}}, "augment.backend = 'cuda': must be 'auto', 'albumentations' or 'gpu'"),
         ({"seed": "x"}, "seed = 'x'"),
         ({"report": {"tta": "yes"}}, "report.tta = 'yes': must be true or false"),

@@ -5,7 +5,8 @@ import yaml
 from conftest import ROOT
 
 from cifar_pipeline.augment import train_transforms
-from cifar_pipeline.params import ParamsError, load_params, parse_params
+from cifar_pipeline.choices import MODEL_NAMES
+from cifar_pipeline.params import HOLE_PROBABILITY, ParamsError, load_params, parse_params
 
 
 def test_shipped_params_file_is_valid_and_holds_the_specified_recipe():
@@ -34,6 +35,7 @@ def test_shipped_params_file_is_valid_and_holds_the_specified_recipe():
     ],
 )
 def test_the_holes_probability_auto_is_the_models_own_and_a_number_is_kept(model, written, expected):
+    assert set(HOLE_PROBABILITY) == set(MODEL_NAMES)  # a new model needs its own entry, not custom_resnet's
     augment = {} if written is None else {"coarse_dropout_p": written}
     params = parse_params({"model": {"name": model}, "augment": augment})
     assert params.augment.coarse_dropout_p == expected

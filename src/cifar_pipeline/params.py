@@ -199,10 +199,10 @@ class Params(_Section):
         if not isinstance(raw, dict) or not isinstance(raw.get("augment", {}), dict):
             return raw
         augment = dict(raw.get("augment") or {})
-        model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
-        name = model.get("name", ModelParams.model_fields["name"].default)
         if augment.get("coarse_dropout_p", "auto") != "auto":
             return raw
+        model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+        name = model.get("name", ModelParams.model_fields["name"].default)
         # An unknown model.name gets its own error; the hole then needs none.
         augment["coarse_dropout_p"] = HOLE_PROBABILITY.get(name, HOLE_PROBABILITY["custom_resnet"])
         return {**raw, "augment": augment}

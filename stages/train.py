@@ -19,7 +19,8 @@ def main() -> None:
         return
     summary = train(params)
     if summary is not None:  # rank 0's
-        print(f"final test accuracy {summary['test']['acc']:.2f}% after {params.train.epochs} epochs")
+        average = f", {summary['ema']['test']['acc']:.2f}% with the weight average" if "ema" in summary else ""
+        print(f"final test accuracy {summary['test']['acc']:.2f}%{average} after {params.train.epochs} epochs")
 
 
 if __name__ == "__main__":

@@ -233,6 +233,28 @@ def test_each_repeat_starts_from_a_fresh_model_of_its_own_on_batches_of_its_own(
     assert repeated["raw_loss"] == pytest.approx(expected["raw_loss"], rel=1e-6)
 
 
+@pytest.mark.slow
+def test_the_range_test_minimises_the_training_loss_label_smoothing_included(tmp_path, monkeypatch):
+    """train.label_smoothing reaches the range test: its curve is of the loss training will minimise."""
+    monkeypatch.chdir(make_project(tmp_path))
+    short = {**PARAMS["lr_find"], "num_iter": 10}
+    params = parse_params({**PARAMS, "lr_find": short, "train": {**PARAMS["train"], "label_smoothing": 0.3}})
+    result = lr_finder.run_range_test(params)
+    runtime, splits, _, _, loader = prepare_training(params)
+    cfg = params.lr_find
+
+    def direct(label_smoothing: float) -> dict:
+        return lr_finder.range_test(
+            new_model(params.model, params.seed, runtime, len(splits.classes)), loader, runtime,
+            start_lr=cfg.start_lr, end_lr=cfg.end_lr, num_iter=cfg.num_iter, smooth=cfg.smooth,
+            diverge_threshold=cfg.diverge_threshold, weight_decay=params.train.weight_decay,
+            label_smoothing=label_smoothing,
+        )  # fmt: skip
+
+    assert result["raw_loss"] == pytest.approx(direct(0.3)["raw_loss"], rel=1e-6)
+    assert result["raw_loss"][0] != pytest.approx(direct(0.0)["raw_loss"][0], rel=1e-3)
+
+
 @pytest.mark.parametrize("model, seeds", [("dilated_net", 11), ("custom_resnet", 3)])
 def test_the_seed_spread_tables_are_what_the_stored_curves_give(model, seeds):
     """docs/results/lr_find_seeds.md's tables, recomputed from the curves stored beside it."""

@@ -22,6 +22,7 @@ def test_shipped_params_file_is_valid_and_holds_the_specified_recipe():
     assert params.augment.coarse_dropout_p == 0.5  # custom_resnet's
     assert params.augment.backend == "auto"
     assert params.data.md5 == "c58f30108f718f92721af3b95e74349a"
+    assert params.train.ema is False and params.train.label_smoothing == 0.0  # the seed's recipe has neither
 
 
 @pytest.mark.parametrize(
@@ -89,12 +90,23 @@ def test_shipped_params_file_sets_every_key_explicitly():
         ({"seed": "x"}, "seed = 'x'"),
         ({"report": {"tta": "yes"}}, "report.tta = 'yes': must be true or false"),
         ({"report": {"tta": 1}}, "report.tta = 1: must be true or false"),
+        ({"train": {"ema": 1.0}}, "train.ema = 1.0: must be false (no weight averaging) or a decay between 0 and 1"),
+        ({"train": {"ema": 0}}, "train.ema = 0: must be false (no weight averaging) or a decay between 0 and 1"),
+        ({"train": {"ema": True}}, "train.ema = True: must be false"),
+        ({"train": {"ema": "0.99"}}, "train.ema = '0.99': must be false"),
+        ({"train": {"label_smoothing": 1.0}}, "train.label_smoothing = 1.0: must be less than 1"),
+        ({"train": {"label_smoothing": -0.1}}, "train.label_smoothing = -0.1: must be greater than or equal to 0"),
     ],
 )
 def test_bad_params_are_named_with_key_value_and_what_is_allowed(raw, expected):
     with pytest.raises(ParamsError) as excinfo:
         parse_params(raw)
     assert expected in str(excinfo.value)
+
+
+def test_a_weight_average_decay_in_range_is_kept():
+    assert parse_params({"train": {"ema": 0.995}}).train.ema == 0.995
+    assert parse_params({"train": {"ema": False}}).train.ema is False
 
 
 def test_all_problems_are_reported_at_once():

@@ -95,6 +95,22 @@ def test_a_run_writes_every_output_and_uses_the_lr_find_suggestion(reference):
     assert len(lrs) == 6 and int(np.argmax(lrs)) == 1 and max(lrs) == pytest.approx(SUGGESTED_LR)
 
 
+def test_a_run_with_a_weight_average_saves_it_and_the_report_names_it(tmp_path):
+    root = make_project(tmp_path, with_train(ema=0.8, label_smoothing=0.1))
+    result = run_stage(root)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((root / "reports/train/metrics.json").read_text())
+    assert f"{metrics['ema']['test']['acc']:.2f}% with the weight average" in result.stdout
+    ckpt = torch.load(root / "models/model.pt", weights_only=True)
+    assert ckpt["weights"] == "EMA of the trained weights, decay 0.8"
+    assert ckpt["test_acc"] == metrics["ema"]["test"]["acc"]
+    result = run_stage(root, "report")
+    assert result.returncode == 0, result.stderr
+    summary = (root / "reports/summary.md").read_text()
+    assert "| Weights in models/model.pt | EMA of the trained weights, decay 0.8 |" in summary
+    assert "Best test accuracy of the weight average (" in summary
+
+
 def test_two_runs_with_the_same_params_are_identical(reference, tmp_path):
     root = make_project(tmp_path)
     result = run_stage(root)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import shutil
@@ -236,6 +237,82 @@ def test_train_epoch_is_deterministic_on_the_cpu_and_learns():
     assert stats_a[0].images == 40 and len(stats_a[0].lrs) == 4
 
 
+def test_the_weight_average_is_the_hand_computed_ema_of_the_weights_after_each_step():
+    """train.ema: after step 1 the average is the weights; after step 2, decay * step 1's + (1 - decay) * step 2's.
+    Batch norm's running statistics are averaged alike."""
+    model = tiny_model()
+    optimizer = engine.make_optimizer(model, 0.05, 0.0, CPU)
+    scheduler = engine.make_scheduler(optimizer, 0.05, 1, 2, 1, 10.0)
+    after_step = []
+    optimizer.register_step_post_hook(lambda *_: after_step.append(copy.deepcopy(model.state_dict())))
+    ema = engine.make_ema(model, 0.9)
+    engine.train_epoch(model, loader(20, 10, True), optimizer, scheduler, engine.make_scaler(CPU), CPU, ema=ema)
+    assert len(after_step) == 2
+    first, second = after_step
+    for key in ("0.weight", "1.bias", "6.weight", "1.running_mean", "1.running_var"):
+        expected = 0.9 * first[key] + 0.1 * second[key]
+        assert torch.allclose(ema.module.state_dict()[key], expected, rtol=1e-6, atol=1e-7), key
+        assert not torch.allclose(expected, second[key]), key  # the average is not the last weights
+    assert int(ema.n_averaged) == 2
+
+
+def test_label_smoothing_is_the_training_loss():
+    """train.label_smoothing: the loss of a one-batch epoch is CrossEntropyLoss(label_smoothing) of the weights
+    before the step."""
+    data = loader(10, 10, True)
+    images, labels = next(iter(data))
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))  # no dropout: the loss is a plain function
+    with torch.no_grad():
+        smoothed = nn.functional.cross_entropy(linear(images), labels, label_smoothing=0.3).item()
+        plain = nn.functional.cross_entropy(linear(images), labels).item()
+    optimizer = engine.make_optimizer(linear, 0.01, 0.0, CPU)
+    scheduler = engine.make_scheduler(optimizer, 0.01, 3, 1, 2, 10.0)  # One Cycle's shortest
+    stats = engine.train_epoch(linear, data, optimizer, scheduler, engine.make_scaler(CPU), CPU, label_smoothing=0.3)
+    assert stats.loss == pytest.approx(smoothed, rel=1e-6) and abs(smoothed - plain) > 0.01
+
+
+def test_fit_trains_with_label_smoothing_and_evaluates_the_plain_loss(tmp_path):
+    """fit hands train.label_smoothing to the training loss; the test loss stays plain cross-entropy."""
+
+    def linear() -> nn.Module:  # no dropout: the loss is a plain function of the weights
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+
+    train = TrainParams(epochs=3, peak_epoch=2, device="cpu", label_smoothing=0.3)  # One Cycle's shortest
+    summary = run_fit(tmp_path, train, images=10, max_lr=1e-6, model=linear())
+    images, labels = next(iter(loader(10, 10, True)))  # the one batch, in some order
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(linear()(images), labels, label_smoothing=0.3).item()
+    first_epoch = read_tsv(tmp_path / "reports/train/plots/metrics/train/loss.tsv")[0]
+    assert float(first_epoch["loss"]) == pytest.approx(expected, rel=1e-5)
+    test_images, test_labels = (torch.cat(parts) for parts in zip(*loader(20, 10, False, seed=1), strict=True))
+    trained = linear()
+    trained.load_state_dict(torch.load(tmp_path / "models/model.pt", weights_only=True)["state_dict"])
+    with torch.no_grad():
+        plain = nn.functional.cross_entropy(trained(test_images), test_labels).item()
+    assert summary["test"]["loss"] == pytest.approx(plain, rel=1e-5)
+
+
+def test_fit_with_ema_evaluates_both_weights_and_saves_the_average(tmp_path, capsys):
+    train = TrainParams(epochs=3, peak_epoch=1, device="cpu", ema=0.5)
+    summary = run_fit(tmp_path, train)
+    assert set(summary["ema"]["test"]) == {"loss", "acc"} and set(summary["test"]) == {"loss", "acc"}
+    tsv = tmp_path / "reports/train/plots/metrics"
+    ema_accs = [float(r["acc"]) for r in read_tsv(tsv / "ema/test/acc.tsv")]
+    assert len(ema_accs) == 3 and len(read_tsv(tsv / "test/acc.tsv")) == 3
+    assert summary["best"]["test_acc"] == max(ema_accs)  # the average's accuracy picks the best epoch
+    final = torch.load(tmp_path / "models/model.pt", weights_only=True)
+    assert final["weights"] == "EMA of the trained weights, decay 0.5"
+    assert final["test_acc"] == ema_accs[-1] and final["train_acc"] == summary["train"]["acc"]
+    # The saved weights are the average's: evaluating them gives the average's logged accuracy.
+    model = tiny_model()
+    model.load_state_dict(final["state_dict"])
+    assert engine.evaluate(model, loader(20, 10, False, seed=1), CPU) == pytest.approx(
+        (summary["ema"]["test"]["loss"], summary["ema"]["test"]["acc"])
+    )
+    assert "ema/test loss" in capsys.readouterr().out
+
+
 def test_evaluate_matches_a_plain_computation():
     model = tiny_model().eval()
     data = loader(20, 8, False)
@@ -397,6 +474,27 @@ def test_an_interrupted_fit_resumes_to_the_same_result(tmp_path, monkeypatch, ca
     assert "resuming after epoch 1 of 3" in capsys.readouterr().out
     assert not (tmp_path / "cut/.resume/train.pt").exists()
     assert_same_outputs(outputs(tmp_path / "whole"), outputs(tmp_path / "cut"))
+
+
+def test_an_interrupted_fit_with_ema_resumes_to_the_same_result(tmp_path, monkeypatch, capsys):
+    """The resume state carries the weight average: a killed run ends with the same average as an uninterrupted one."""
+    train = TrainParams(epochs=3, peak_epoch=1, device="cpu", ema=0.7)
+    seed_everything(0)
+    run_fit(tmp_path / "whole", train)
+
+    seed_everything(0)
+    interrupt_in_epoch(monkeypatch, 3)  # two evaluations an epoch (trained weights, average): epoch 2's first
+    with pytest.raises(Interrupt):
+        run_fit(tmp_path / "cut", train)
+    assert torch.load(tmp_path / "cut/.resume/train.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.undo()
+
+    seed_everything(0)
+    run_fit(tmp_path / "cut", train, model=tiny_model(seed=123))
+    assert "resuming after epoch 1 of 3" in capsys.readouterr().out
+    whole, cut = outputs(tmp_path / "whole"), outputs(tmp_path / "cut")
+    assert "ema" in whole["metrics"]
+    assert_same_outputs(whole, cut)
 
 
 def test_a_kill_while_an_epochs_files_are_written_resumes_from_the_epoch_before(tmp_path, monkeypatch, capsys):

@@ -77,6 +77,15 @@ def make_scheduler(
     )
 
 
+def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of `model`'s weights and batch-norm statistics (`train.ema`), updated after
+    every optimizer step by `train_epoch`: ema = decay * ema + (1 - decay) * weights, starting from the weights of
+    the first update. PyTorch's own AveragedModel; its state_dict holds the average as `module.*`."""
+    return torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True
+    )
+
+
 def make_scaler(runtime: Runtime) -> torch.amp.GradScaler:
     """Loss scaling for fp16, which would underflow small gradients; bf16 and fp32 do not need it (a no-op then)."""
     return torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
@@ -138,8 +147,11 @@ def train_epoch(
     scaler: torch.amp.GradScaler,
     runtime: Runtime,
     desc: str = "train",
+    *,
+    label_smoothing: float = 0.0,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> EpochStats:
-    """One pass over `loader`, stepping the scheduler after every batch.
+    """One pass over `loader`, stepping the scheduler after every batch, and `ema` (make_ema) after every step.
 
     A loss that turns nan or inf stops the run with the step and LR where it happened (the check is once per
     epoch, on the per-step losses kept on the device).
@@ -149,10 +161,10 @@ def train_epoch(
     returned loss and accuracy are the global batches', the same on every process.
     """
     model.train()
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     if runtime.distributed:
         global_sizes = loader.batch_sampler.global_sizes()
-        summed = nn.CrossEntropyLoss(reduction="sum")
+        summed = nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
     step_losses = torch.zeros(len(loader), device=runtime.device)
     correct = torch.zeros((), dtype=torch.int64, device=runtime.device)
     sizes: list[int] = []
@@ -168,6 +180,8 @@ def train_epoch(
             weight = runtime.world_size / global_sizes[step]
             loss_fn = partial(_weighted, summed, weight)
         loss, logits = train_step(model, images, labels, optimizer, loss_fn, scaler, runtime)
+        if ema is not None:
+            ema.update_parameters(model)
         if runtime.distributed:
             loss = loss / weight  # this process's summed loss
         # The last scheduler step would lie past the schedule's end (and divides by zero when the peak is the last

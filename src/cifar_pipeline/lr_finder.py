@@ -58,6 +58,7 @@ def range_test(
     smooth: float,
     diverge_threshold: float,
     weight_decay: float,
+    label_smoothing: float = 0.0,
     first_epoch: int = 0,
 ) -> dict[str, Any]:
     """Run the test on `model` (which it trains: pass a fresh one), on the batches of `loader`'s passes from
@@ -71,7 +72,7 @@ def range_test(
     model.train()
     optimizer = make_optimizer(model, start_lr, weight_decay, runtime)
     scaler = make_scaler(runtime)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)  # the loss training will minimise
     lrs: list[float] = []
     losses: list[float] = []
     raw_losses: list[float] = []
@@ -147,6 +148,7 @@ def run_range_test(params: Params) -> dict[str, Any]:
                 smooth=cfg.smooth,
                 diverge_threshold=cfg.diverge_threshold,
                 weight_decay=params.train.weight_decay,
+                label_smoothing=params.train.label_smoothing,
                 first_epoch=i * passes,
             )
         )

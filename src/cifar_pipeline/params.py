@@ -142,6 +142,8 @@ class TrainParams(_Section):
     peak_epoch: int = Field(default=5, ge=1)
     div_factor: float = Field(default=100.0, ge=1.0)
     weight_decay: float = Field(default=1e-4, ge=0.0)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)  # CrossEntropyLoss's own; lr-find uses it too
+    ema: Literal[False] | float = False  # false, or the decay of an average of the weights kept every step
     device: Device = "auto"
     devices: int = Field(default=1, ge=1)  # training processes on this machine (distributed.py)
     precision: Precision = "auto"
@@ -154,6 +156,14 @@ class TrainParams(_Section):
     def _compile_mode(cls, value: Any) -> Any:
         if value is not False and value not in COMPILE_MODES:
             raise ValueError(f"must be false (no compiling) or a torch.compile mode: {', '.join(COMPILE_MODES)}")
+        return value
+
+    @field_validator("ema", mode="before")
+    @classmethod
+    def _ema_decay(cls, value: Any) -> Any:
+        # A bool other than false, or a decay outside (0, 1), would silently average nothing or never move.
+        if value is not False and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1):
+            raise ValueError("must be false (no weight averaging) or a decay between 0 and 1, e.g. 0.995")
         return value
 
     @field_validator("max_lr")

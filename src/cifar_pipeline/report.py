@@ -132,7 +132,7 @@ def training_curves(log_dir: Path = LIVE_DIR) -> dict[str, dict[str, tuple[np.nd
     """{'loss' | 'acc': {split: (epochs, values)}} for each split the train stage logged."""
     curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {"loss": {}, "acc": {}}
     for name, per_split in curves.items():
-        for split in ("train", "val", "test"):
+        for split in ("train", "val", "test", "ema/val", "ema/test"):  # ema/: the weight average's (train.ema)
             path = log_dir / "plots/metrics" / split / f"{name}.tsv"
             if path.is_file():
                 per_split[split] = read_tsv(path)
@@ -184,6 +184,9 @@ def summary_markdown(
         best = metric(train_metrics, "best/test_acc")
     best_epoch = metric(train_metrics, "best/epoch")
     train_acc = metric(train_metrics, "train/acc")
+    weights = ckpt.get("weights", "trained")
+    if weights != "trained":
+        best_name = best_name.replace(" (", " of the weight average (", 1)
     if ckpt["max_lr_source"] == "lr-find":
         rule = f", rule `{lr_find['rule']}`" if lr_find and "rule" in lr_find else ""
         lr_source = f"suggested by the LR range test{rule} (lr_find.png)"
@@ -207,6 +210,7 @@ def summary_markdown(
         f"| Final test accuracy with flip TTA (mean logits of each image and its mirror) | {flip_tta(accuracy)} |",
         f"| {best_name} | {pct(best)}" + (f" (epoch {best_epoch})" if best_epoch is not None else "") + " |",
         f"| Train accuracy (epoch {epochs}, on augmented batches) | {pct(train_acc)} |",
+        f"| Weights in models/model.pt | {weights} |",
         f"| Epochs | {epochs} |",
         f"| Max learning rate | {ckpt['max_lr']:.4g}, {lr_source} |",
         f"| Model | {ckpt['model_name']}, {num_params:,} parameters (model_summary.txt) |",

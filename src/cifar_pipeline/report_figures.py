@@ -23,7 +23,7 @@ def metrics_curves(
 
     # 13 x 4 inches at the report's 100 dpi: 1,300 pixels, whole in a browser window (dvc plots show) and on a laptop.
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), layout="constrained")
-    styles = {"train": "-o", "val": "-^", "test": "-s"}
+    styles = {"train": "-o", "val": "-^", "test": "-s", "ema/val": "--^", "ema/test": "--s"}
     for ax, name, title, ylabel in (
         (axes[0], "loss", "Loss", "cross-entropy loss"),
         (axes[1], "acc", "Accuracy", "accuracy (%)"),

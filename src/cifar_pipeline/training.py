@@ -33,6 +33,7 @@ from cifar_pipeline.checkpoint_writer import CheckpointWriter
 from cifar_pipeline.engine import (
     compile_model,
     evaluate,
+    make_ema,
     make_optimizer,
     make_scaler,
     make_scheduler,
@@ -131,6 +132,7 @@ class Progress:
     """The epochs a run has completed: what the resume state carries besides the tensors."""
 
     best_split: str  # "val" when there is a validation split, else "test"
+    weights: str = ""  # whose accuracy picks the best epoch: "" the trained weights', "ema/" their average's
     history: list[dict[str, float]] = field(default_factory=list)  # one record per epoch
     lr_history: list[float] = field(default_factory=list)  # the LR of every optimizer step
     best: dict[str, Any] = field(default_factory=dict)  # split, acc and epoch of the best epoch so far
@@ -147,9 +149,10 @@ class Progress:
         """Record a finished epoch; whether it is the best so far."""
         self.history.append(record)
         self.lr_history.extend(lrs)
-        improved = record[f"{self.best_split}/acc"] > self.best["acc"]
+        acc = record[f"{self.weights}{self.best_split}/acc"]
+        improved = acc > self.best["acc"]
         if improved:
-            self.best = {"split": self.best_split, "acc": record[f"{self.best_split}/acc"], "epoch": record["epoch"]}
+            self.best = {"split": self.best_split, "acc": acc, "epoch": record["epoch"]}
         return improved
 
 
@@ -191,7 +194,11 @@ def fit(
     scheduler = make_scheduler(optimizer, max_lr, train.epochs, len(train_loader), train.peak_epoch, train.div_factor)
     scaler = make_scaler(runtime)
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    progress = Progress("val" if "val" in eval_loaders else "test")
+    # train.ema: the average is evaluated beside the trained weights every epoch, and is what the model files hold.
+    weights = "ema/" if train.ema else ""
+    if train.ema:
+        parts["ema"] = make_ema(model, train.ema)
+    progress = Progress("val" if "val" in eval_loaders else "test", weights)
 
     # The weights' names and shapes join the fingerprint: a state saved by an edited model is not loadable. So does
     # the process count: each process's RNG state is in it.
@@ -205,7 +212,7 @@ def fit(
     if state is not None:
         for name, part in parts.items():
             part.load_state_dict(state[name])
-        progress = Progress(progress.best_split, state["history"], state["lr_history"], state["best"])
+        progress = Progress(progress.best_split, weights, state["history"], state["lr_history"], state["best"])
         progress.elapsed_s = state["wall_time_s"]
         if runtime.main:
             print(f"resuming after epoch {state['epoch']} of {train.epochs} from {root / paths.RESUME}")
@@ -214,17 +221,24 @@ def fit(
         restore_rng_states(state["rng"][runtime.rank])  # last: building the model and loaders drew from the RNGs
 
     def checkpoint(tensors: dict[str, Any], record: dict[str, float], loss: float) -> dict[str, Any]:
-        """A model file: the weights and the optimizer's state, with what the epoch measured."""
+        """A model file: the weights (their average with train.ema) and the optimizer's state, with what the epoch
+        measured of those weights."""
         extra = dict(checkpoint_extra)
-        measured = {f"{s}_acc": record[f"{s}/acc"] for s in ("train", "test", "val") if f"{s}/acc" in record}
+        measured = {f"{s}_acc": record[f"{weights}{s}/acc"] for s in ("test", "val") if f"{weights}{s}/acc" in record}
+        state_dict = tensors["model"]
+        if train.ema:
+            average = tensors["ema"]
+            state_dict = {key: average[f"module.{key}"] for key in state_dict}
         return make_checkpoint(
-            tensors["model"],
+            state_dict,
             extra.pop("model_name"),
             extra.pop("model_kwargs"),
             epoch=int(record["epoch"]),
             optimizer=tensors["optimizer"],
             scheduler=tensors["scheduler"],
             loss=loss,
+            train_acc=record["train/acc"],
+            weights=f"EMA of the trained weights, decay {train.ema}" if train.ema else "trained",
             max_lr=max_lr,
             max_lr_source=max_lr_source,
             **measured,
@@ -238,7 +252,7 @@ def fit(
     writer = CheckpointWriter()
     try:
         for epoch in range(progress.epoch + 1, train.epochs + 1):
-            record, lrs, loss = _one_epoch(epoch, step_model, model, train_loader, eval_loaders, parts, runtime)
+            record, lrs, loss = _one_epoch(epoch, step_model, model, train_loader, eval_loaders, parts, runtime, train)
             improved = progress.add(record, lrs)
             wall_time_s = progress.elapsed_s + time.perf_counter() - started
             if epoch < train.epochs:
@@ -293,16 +307,31 @@ def _one_epoch(
     eval_loaders: dict[str, DataLoader],
     parts: dict[str, Any],
     runtime: Runtime,
+    train: TrainParams,
 ) -> tuple[dict[str, float], list[float], float]:
-    """Train one epoch (through `step_model`, compiled or not) and evaluate `model` on every eval split.
+    """Train one epoch (through `step_model`, compiled or not) and evaluate `model`, and the average of its weights
+    (parts["ema"], with train.ema) as "ema/<split>", on every eval split.
     Returns the epoch's record, the LR of each of its steps, and its mean training loss."""
     start = time.perf_counter()
     set_epoch(train_loader, epoch - 1)
     optimizer, scheduler, scaler = parts["optimizer"], parts["scheduler"], parts["scaler"]
-    stats = train_epoch(step_model, train_loader, optimizer, scheduler, scaler, runtime, desc=f"epoch {epoch}")
+    ema = parts.get("ema")
+    stats = train_epoch(
+        step_model,
+        train_loader,
+        optimizer,
+        scheduler,
+        scaler,
+        runtime,
+        desc=f"epoch {epoch}",
+        label_smoothing=train.label_smoothing,
+        ema=ema,
+    )
     record: dict[str, float] = {"epoch": epoch, "train/loss": stats.loss, "train/acc": stats.acc}
     for split, loader in eval_loaders.items():
         record[f"{split}/loss"], record[f"{split}/acc"] = evaluate(model, loader, runtime)
+        if ema is not None:
+            record[f"ema/{split}/loss"], record[f"ema/{split}/acc"] = evaluate(ema.module, loader, runtime)
     record["lr"] = stats.lrs[-1]  # the LR of the epoch's last step: max_lr at the end of train.peak_epoch
     record["epoch_time_s"] = round(time.perf_counter() - start, 3)  # training and evaluation
     record["images_per_s"] = round(stats.images_per_s, 1)
@@ -355,7 +384,7 @@ def _open_live(live_dir: Path, max_lr: float, max_lr_source: str, progress: Prog
 def _epoch_line(record: dict[str, float], epochs: int) -> str:
     splits = "  ".join(
         f"{split} loss {record[f'{split}/loss']:.4f} acc {record[f'{split}/acc']:.2f}%"
-        for split in ("train", "val", "test")
+        for split in ("train", "val", "test", "ema/val", "ema/test")
         if f"{split}/loss" in record
     )
     return (

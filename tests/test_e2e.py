@@ -155,6 +155,60 @@ def test_the_readme_first_run_finishes_in_minutes_on_a_fresh_clone(tmp_path):
     assert json.loads((path / "reports/train/metrics.json").read_text())["step"] == 3
 
 
+def run_cache_stages(project: Path) -> list[str]:
+    """The stage script of every entry in DVC's run cache, in order (one entry per stage and set of inputs)."""
+    entries = sorted((project / ".dvc/cache/runs").glob("*/*/*"))
+    return sorted(yaml.safe_load(entry.read_text())["cmd"].split("/")[-1].removesuffix(".py") for entry in entries)
+
+
+def wait_for_queue(project: Path) -> str:
+    """`dvc queue start` returns at once, leaving a worker to run the queue: wait for it to empty."""
+    deadline = time.monotonic() + 600
+    while re.search(r"\b(Queued|Running)\b", status := dvc(project, "queue", "status").stdout):
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    return status
+
+
+def test_a_sweep_and_a_fresh_clone_restore_from_the_run_cache_what_their_params_do_not_touch(tmp_path):
+    """No dvc.lock committed (a fresh clone, or a queued experiment, which starts from the last commit): every stage
+    whose inputs an earlier run had is restored from DVC's run cache instead of run again."""
+    archive = tmp_path / "tiny-cifar.tar.gz"
+    learnable_archive(archive)
+    a = make_project(tmp_path / "a", archive)  # its commit holds no dvc.lock
+    assert stages_run(dvc(a, "repro").stdout) == STAGES
+    saved = ["compute_mean_std", "download", "lr_find", "report", "train"]  # check-params runs in a second
+    assert run_cache_stages(a) == saved
+
+    dvc(a, "exp", "run", "--queue", "-S", "train.max_lr=0.01,0.02")
+    dvc(a, "queue", "start", "-j", "1")
+    assert "Failed" not in wait_for_queue(a)
+    names = [exp["name"] for commit in json.loads(dvc(a, "exp", "show", "--json").stdout)
+             for branch in commit.get("experiments") or [] for exp in branch["revs"]]  # fmt: skip
+    assert len(names) == 2, names
+    for name in names:
+        log = dvc(a, "queue", "logs", name).stdout
+        assert stages_run(log) == ["check-params", "train", "report"], log
+        for stage in ("download", "compute-mean-std", "lr-find"):  # from the workspace's dvc.lock or the run cache
+            assert re.search(f"Stage '{stage}' (didn't change, skipping|is cached - skipping run)", log), log
+    assert run_cache_stages(a) == sorted(saved + ["report", "report", "train", "train"])
+
+    # Another machine: a clone that shares only the Git history and a DVC remote, run cache included.
+    storage = tmp_path / "storage"
+    dvc(a, "remote", "add", "--local", "-d", "storage", str(storage))
+    dvc(a, "push", "--run-cache")
+    b = tmp_path / "b"
+    run(tmp_path, "git", "clone", "-q", str(a), str(b))
+    dvc(b, "remote", "add", "--local", "-d", "storage", str(storage))
+    result = dvc(b, "repro", "--pull")  # pulls the run cache's entries, then each stage's outputs from them
+    # The report runs again: DVC does not pull the Git-kept metric (cache: false) a run cache entry names.
+    assert stages_run(result.stdout) == ["check-params", "report"], result.stdout
+    for stage in ("download", "compute-mean-std", "lr-find", "train"):
+        assert f"Stage '{stage}' is cached - skipping run" in result.stdout
+    for output in ("models/model.pt", "reports/per_class.json", "reports/lr_find.json", "data/stats.json"):
+        assert (b / output).read_bytes() == (a / output).read_bytes(), output
+
+
 def test_dag_has_the_six_stages_in_order_and_checks_params_first(project):
     edges = set(re.findall(r'"([\w-]+)" -> "([\w-]+)"', dvc(project, "dag", "--dot").stdout))
     for upstream, downstream in itertools.pairwise(STAGES):
@@ -428,11 +482,7 @@ def test_a_queued_seed_sweep_is_summarised_compared_applied_and_branched(project
     dvc(project, "exp", "run", "--queue", "-S", "seed=range(1,3)", "-S", "train.max_lr=0.015")
     dvc(project, "exp", "run", "--queue", "-n", "broken", "-S", "seed=9", "-S", "model.name=vgg")
     dvc(project, "queue", "start", "-j", "1")
-    # `dvc queue start` returns at once, leaving a worker to run the queue: wait for it to empty.
-    deadline = time.monotonic() + 600
-    while re.search(r"\b(Queued|Running)\b", status := dvc(project, "queue", "status").stdout):
-        assert time.monotonic() < deadline, status
-        time.sleep(2)
+    status = wait_for_queue(project)
     assert "Failed" in status, status
 
     seen = report_accuracies(project)
@@ -625,8 +675,10 @@ def test_the_spot_recipe_resumes_on_the_next_machine_and_pushes_the_experiment(p
         return clone
 
     a = machine("a")
-    set_params(a, {"train": {"epochs": 4}})  # the params to run, committed on the branch the recipe clones
-    run(a, "git", "commit", "-qam", "4 epochs")
+    # The params to run, committed on the branch the recipe clones. A new seed: dvc.lock's entries for the stages
+    # before train no longer match, so machine B can only restore them from the DVC remote's run cache.
+    set_params(a, {"seed": 7, "train": {"epochs": 4}})
+    run(a, "git", "commit", "-qam", "seed 7, 4 epochs")
     run(a, "git", "push", "-q", "origin", "HEAD:main")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     env["RESUME_DIR"] = str(bucket)
@@ -650,6 +702,7 @@ def test_the_spot_recipe_resumes_on_the_next_machine_and_pushes_the_experiment(p
     b = machine("b")
     result = run(b, str(ROOT / "cloud/spot_run.sh"), "spot", env=env)
     assert "Running stage 'lr-find'" not in result.stdout  # restored from the run cache: the same pick as on A
+    assert "Stage 'lr-find' is cached - skipping run" in result.stdout, result.stdout
     assert f"resuming after epoch {saved} of 4" in result.stdout, result.stdout
     assert not (bucket / "spot").exists()
 

@@ -101,3 +101,31 @@ def epoch_batches(loader, epoch: int):
     set_epoch(loader, epoch)
     batches = list(loader)
     return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def follow_undo_advice(params_file: Path, message: str) -> list[str]:
+    """Do to params.yaml what a params error says to put back ("set KEY: VALUE (...)", "delete KEY"), as a user would
+    by hand; returns the keys it touched."""
+    import re
+
+    import yaml
+
+    advice = message.split("Put back just", 1)[1].split(" in params.yaml.", 1)[0].split(": ", 1)[1]
+    params = yaml.safe_load(params_file.read_text())
+    touched = []
+    for fix in advice.split("; "):
+        if match := re.fullmatch(r"set ([\w.]+): (.*) \([^)]*\)", fix):
+            key, value = match.group(1), yaml.safe_load(match.group(2))
+        else:
+            key, value = re.fullmatch(r"delete ([\w.]+)", fix).group(1), None
+        *parents, leaf = key.split(".")
+        node = params
+        for parent in parents:
+            node = node[parent]
+        if fix.startswith("set "):
+            node[leaf] = value
+        else:
+            del node[leaf]
+        touched.append(key)
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    return touched

@@ -1,8 +1,13 @@
 """params.yaml validation: every mistake is named by key, value and what is allowed."""
 
+import re
+import shutil
+import subprocess
+import sys
+
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, follow_undo_advice
 
 from cifar_pipeline.augment import train_transforms
 from cifar_pipeline.choices import MODEL_NAMES
@@ -107,6 +112,34 @@ def test_bad_params_are_named_with_key_value_and_what_is_allowed(raw, expected):
 def test_a_weight_average_decay_in_range_is_kept():
     assert parse_params({"train": {"ema": 0.995}}).train.ema == 0.995
     assert parse_params({"train": {"ema": False}}).train.ema is False
+
+
+def test_the_advice_puts_back_just_the_broken_key_and_keeps_the_users_other_changes(tmp_path):
+    """Two keys edited (a local data.url, a bad batch size): the error says how to put back the batch size alone,
+    with the last commit's value; following it leaves a valid file that still has the user's data.url."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    for command in (
+        ["init", "-q"],
+        ["add", "params.yaml"],
+        ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"],
+    ):
+        subprocess.run(["git", *command], cwd=tmp_path, check=True)
+    text = (tmp_path / "params.yaml").read_text().replace("batch_size: 512", "batch_size: 0")
+    text = re.sub(r"url: \S+", "url: /data/cifar10-local.tar.gz", text)
+    (tmp_path / "params.yaml").write_text(text)
+    check = [sys.executable, str(ROOT / "stages/check_params.py")]
+    result = subprocess.run(check, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "set train.batch_size: 512 (the last commit's value)" in result.stderr
+    assert "git checkout" not in result.stderr and "data.url" not in result.stderr
+    assert follow_undo_advice(tmp_path / "params.yaml", result.stderr) == ["train.batch_size"]
+    assert subprocess.run(check, cwd=tmp_path, capture_output=True, text=True).returncode == 0
+    assert load_params(tmp_path / "params.yaml").data.url == "/data/cifar10-local.tar.gz"
+
+
+def test_without_git_the_advice_gives_the_default():
+    with pytest.raises(ParamsError, match=r"set train.epochs: 24 \(the default\)"):
+        parse_params({"train": {"epochs": 3, "peak_epoch": 5}})
 
 
 def test_all_problems_are_reported_at_once():

@@ -13,12 +13,13 @@ import pytest
 import yaml
 from conftest import ROOT
 
+from cifar_pipeline.choices import CIFAR10_CLASSES
 from cifar_pipeline.results import collect_runs, markdown, summarise
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-def experiment(name, seed, acc=None, tta=None, seconds=None, state="success", **changes):
+def experiment(name, seed, acc=None, tta=None, seconds=None, state="success", classes=CIFAR10_CLASSES, **changes):
     """One experiment as `dvc exp show --json` lists it; `changes` are dotted params, e.g. train__max_lr=0.01."""
     params = copy.deepcopy(PARAMS)
     params["seed"] = seed
@@ -30,7 +31,10 @@ def experiment(name, seed, acc=None, tta=None, seconds=None, state="success", **
         node[leaf] = value
     metrics = {}
     if acc is not None:
-        metrics["reports/per_class.json"] = {"data": {"test_acc": acc, "test_acc_flip_tta": tta}}
+        per_class = {name: acc for name in classes}
+        metrics["reports/per_class.json"] = {
+            "data": {"test_acc": acc, "test_acc_flip_tta": tta, "per_class_acc": per_class}
+        }
     if seconds is not None:
         metrics["reports/train/metrics.json"] = {"data": {"wall_time_s": seconds, "test": {"acc": acc}}}
     rev = f"{abs(hash(name)):040x}"[:40]
@@ -114,6 +118,44 @@ def test_ignored_params_merge_groups_and_a_target_overrides_the_missions():
     merged = summarise(runs, ("seed", "data.num_workers"), target=81.0)["groups"]
     assert len(merged) == 1 and merged[0]["n"] == 2 and merged[0]["reached_target"] == 1
     assert merged[0]["test_acc"]["mean"] == 81.0 and merged[0]["test_acc"]["std"] == pytest.approx(2**0.5, abs=1e-4)
+
+
+def test_an_experiment_identical_to_another_is_one_run_named_as_its_duplicate():
+    """A `dvc exp run` that changed nothing (after `dvc exp apply`, say) makes a second experiment with the same params,
+    seed and results: one run, not n = 2 with a spread of zero."""
+    document = summarise(
+        collect_runs(
+            exp_show(
+                experiment("s1", 1, 90.1, 90.9, 4800.0),
+                experiment("again", 1, 90.1, 90.9, 4800.0),
+                experiment("s2", 2, 90.5, 91.2, 5000.0),
+                experiment("same-seed-other-run", 1, 90.3, 91.0, 4700.0),  # a rerun that trained again: it counts
+            )
+        )
+    )
+    (group,) = document["groups"]
+    assert group["n"] == 3 and [r["name"] for r in group["runs"]] == ["s1", "s2", "same-seed-other-run"]
+    assert group["duplicates"] == [{"name": "again", "rev": group["duplicates"][0]["rev"], "of": "s1"}]
+    assert group["test_acc"]["mean"] == pytest.approx(statistics.mean([90.1, 90.5, 90.3]))
+    assert "- again: a duplicate of s1" in markdown(document)
+
+
+def test_the_missions_target_applies_to_cifar10_only():
+    own = ("cats", "dogs", "owls")
+    document = summarise(
+        collect_runs(
+            exp_show(
+                experiment("cifar", 1, 86.0, model__name="dilated_net"),
+                experiment("own", 1, 100.0, classes=own, model__name="dilated_net", data__url="data/own"),
+            )
+        )
+    )
+    cifar, other = document["groups"]
+    assert (cifar["target"], cifar["reached_target"]) == (85.0, 1)
+    assert (other["target"], other["reached_target"]) == (None, None)
+    assert "| - |" in markdown(document).splitlines()[3]
+    given = summarise(collect_runs(exp_show(experiment("own", 1, 99.0, classes=own))), target=99.5)
+    assert (given["groups"][0]["target"], given["groups"][0]["reached_target"]) == (99.5, 0)
 
 
 def test_a_finished_run_without_the_reports_metrics_is_listed_as_failed():

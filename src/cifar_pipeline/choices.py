@@ -17,6 +17,9 @@ Device = Literal["auto", "cpu", "cuda", "mps"]  # train.device, cifar-predict --
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # train.precision
 CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]  # or false
 
+# CIFAR-10's classes, label 0 to 9 in the official order: the download stage names them, cifar-results knows the
+# dataset by them.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR100_LABELS: tuple[str, ...] = get_args(Cifar100Labels)
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 DOWNSAMPLE_MODES: tuple[str, ...] = get_args(Downsample)

@@ -42,13 +42,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from cifar_pipeline.choices import CIFAR100_LABELS
+from cifar_pipeline.choices import CIFAR10_CLASSES, CIFAR100_LABELS
 from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.images import to_model_input
 from cifar_pipeline.paths import DATA_DIR
 
 # The official label order: label i is CLASSES[i].
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CLASSES = CIFAR10_CLASSES
 
 SHARED_COPY_HINT = "../shared/datasets/cifar10-jpeg.tar.gz"
 PICKLE_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import subprocess
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,8 +33,9 @@ from cifar_pipeline.errors import PipelineError
 RENAMED = {"train.amp": "train.precision (auto | fp32 | bf16 | fp16; amp: true is auto, amp: false is fp32)"}
 
 
-# A failed `dvc exp run -S key=value` leaves its value in params.yaml: say how to get back.
-UNDO = "To undo a change (a failed `dvc exp run -S` leaves its value in params.yaml): git checkout HEAD -- params.yaml"
+# A failed `dvc exp run -S key=value` leaves its value in params.yaml: each error says how to put back that key alone
+# (undo_advice), keeping the user's other changes (a data.url to a local copy, say) that `git checkout params.yaml`
+# would throw away.
 
 
 class ParamsError(PipelineError):
@@ -258,8 +260,78 @@ def _describe(error: dict) -> tuple[str, str, str]:
     return key, f" = {error['input']!r}" if shown else "", message
 
 
-def parse_params(raw: Any, source: str = "params.yaml") -> Params:
-    """Validate already-loaded YAML content; raise ParamsError listing every problem."""
+def _lookup(tree: Any, keys: tuple[str, ...]) -> tuple[bool, Any]:
+    for key in keys:
+        if not isinstance(tree, dict) or key not in tree:
+            return False, None
+        tree = tree[key]
+    return True, tree
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+def _changed_leaves(raw: Any, reference: Any, path: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The keys under `path` whose value in `raw` differs from `reference`'s: a section in error (say, train.epochs
+    below train.peak_epoch) is put back key by key, only where it was changed."""
+    if not (isinstance(raw, dict) and isinstance(reference, dict)):
+        return [path] if raw != reference else []
+    keys = list(raw) + [k for k in reference if k not in raw]
+    return [
+        leaf
+        for k in keys
+        if raw.get(k) != reference.get(k)
+        for leaf in _changed_leaves(raw.get(k), reference.get(k), (*path, k))
+    ]
+
+
+def undo_advice(keys: list[tuple[str, ...]], raw: Any, committed: dict | None) -> str:
+    """How to put back just the keys in error, leaving every other change: the last commit's value (`committed`),
+    else the schema's default, else delete the key."""
+    defaults = Params().model_dump(mode="json")
+    defaults["augment"]["coarse_dropout_p"] = "auto"  # as params.yaml ships it
+    fixes: dict[str, str] = {}
+    for path in keys:
+        for reference, why in ((committed, "the last commit's value"), (defaults, "the default")):
+            found, value = _lookup(reference, path) if reference is not None else (False, None)
+            if found:
+                for leaf in _changed_leaves(_lookup(raw, path)[1], value, path):
+                    present, leaf_value = _lookup(reference, leaf)
+                    fixes[".".join(leaf)] = (
+                        f"set {'.'.join(leaf)}: {_yaml_value(leaf_value)} ({why})"
+                        if present
+                        else f"delete {'.'.join(leaf)}"
+                    )
+                break
+        else:
+            if _lookup(raw, path)[0]:
+                fixes[".".join(path)] = f"delete {'.'.join(path)}"
+    if not fixes:
+        return ""
+    keys_text = "this key" if len(fixes) == 1 else "these keys"
+    return (
+        f"Put back just {keys_text}, keeping your other changes: {'; '.join(fixes.values())} in params.yaml. "
+        "(A failed `dvc exp run -S` leaves its value there.)"
+    )
+
+
+def committed_params(path: str | Path) -> dict | None:
+    """params.yaml as the last Git commit holds it, or None (no Git, no commit, not tracked, not valid YAML)."""
+    path = Path(path).resolve()
+    try:
+        result = subprocess.run(
+            ["git", "show", f"HEAD:./{path.name}"], cwd=path.parent, capture_output=True, text=True, timeout=30
+        )
+        content = yaml.safe_load(result.stdout) if result.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, yaml.YAMLError):
+        return None
+    return content if isinstance(content, dict) else None
+
+
+def parse_params(raw: Any, source: str = "params.yaml", committed: dict | None = None) -> Params:
+    """Validate already-loaded YAML content; raise ParamsError listing every problem, and how to put back each key
+    in error (`committed`: the file as last committed, whose values the advice gives)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -269,13 +341,20 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     except ValidationError as exc:
         # pydantic reports each failing branch of a union separately: merge them into one line per key.
         problems: dict[tuple[str, str], list[str]] = {}
+        keys = []
         for error in exc.errors():
+            # A check across keys (train.peak_epoch against train.epochs) fails on its section: its message names them.
+            named = [tuple(k.split(".")) for k in re.findall(r"\b[a-z_]+\.[a-z_]+\b", error["msg"])]
+            keys.extend(named or [_field_path(error["loc"])[0]])
             key, value, message = _describe(error)
             messages = problems.setdefault((key, value), [])
             if message not in messages:
                 messages.append(message)
         lines = [f"{key}{value}: {' or '.join(messages)}" for (key, value), messages in problems.items()]
-        raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(lines) + "\n" + UNDO) from None
+        advice = undo_advice([k for k in keys if k], raw, committed)
+        raise ParamsError(
+            f"{source} is invalid:\n  " + "\n  ".join(lines) + (f"\n{advice}" if advice else "")
+        ) from None
 
 
 def load_params(path: str | Path = paths.PARAMS) -> Params:
@@ -286,4 +365,12 @@ def load_params(path: str | Path = paths.PARAMS) -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from None
-    return parse_params(raw, source=str(path))
+    try:
+        return parse_params(raw, source=str(path))
+    except ParamsError as exc:
+        # Only now ask Git (a subprocess) for the committed values the advice gives.
+        committed = committed_params(path)
+        if committed is None:
+            raise
+        parse_params(raw, source=str(path), committed=committed)
+        raise exc from None

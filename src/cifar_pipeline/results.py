@@ -4,7 +4,9 @@ param but the seed, with n, mean, standard deviation, min and max of each group'
 A run is one experiment (`dvc exp run`, or one of a queued sweep). The workspace row is left out (it repeats the
 last applied experiment or holds uncommitted results), and so are the commits' own rows: a commit made with
 `dvc exp branch` or after `dvc exp apply` would count its experiment twice. Failed experiments are listed with their
-params, never dropped silently; queued and running ones are counted as not finished.
+params, never dropped silently; queued and running ones are counted as not finished. Experiments with the same
+params (seed included) and the same metrics are one run (a `dvc exp run` that changed nothing, say, after `dvc exp
+apply`): counted once, the others listed as its duplicates.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from cifar_pipeline import paths
+from cifar_pipeline.choices import CIFAR10_CLASSES
 from cifar_pipeline.errors import PipelineError
 
-# The accuracy each model is meant to reach (README: the mission); --target overrides it.
+# The CIFAR-10 accuracy each model is meant to reach in 24 epochs (README: the mission). It applies to runs on CIFAR-10
+# only (known by their classes); --target sets one for every group.
 TARGETS = {"custom_resnet": 90.0, "dilated_net": 85.0}
 DEFAULT_IGNORED = ("seed",)
 REPORT_METRICS = str(paths.REPORTS / "per_class.json")
@@ -36,13 +40,20 @@ class Run:
     test_acc: float | None = None  # the report's fp32 evaluation of the final model
     test_acc_flip_tta: float | None = None
     train_time_s: float | None = None
+    classes: tuple[str, ...] = ()  # the report's per-class accuracies name them
     error: str = ""
+
+    def identity(self) -> str:
+        """What makes two experiments one run: every param, the seed included, and every result."""
+        results = (self.test_acc, self.test_acc_flip_tta, self.train_time_s)
+        return json.dumps([sorted(self.params.items()), results], default=str)
 
 
 @dataclass
 class Group:
     params: dict[str, Any]  # every param but the ignored ones: what its runs share
     runs: list[Run] = field(default_factory=list)
+    duplicates: list[tuple[Run, Run]] = field(default_factory=list)  # (duplicate, the run it repeats)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -73,6 +84,7 @@ def _run(exp: dict[str, Any], state: str) -> Run:
         test_acc=report.get("test_acc"),
         test_acc_flip_tta=report.get("test_acc_flip_tta"),
         train_time_s=train.get("wall_time_s"),
+        classes=tuple(report.get("per_class_acc") or ()),
         error=error,
     )
 
@@ -94,12 +106,18 @@ def finished(run: Run) -> bool:
 
 
 def group_runs(runs: list[Run], ignored: tuple[str, ...] = DEFAULT_IGNORED) -> list[Group]:
-    """The finished runs grouped by every param but `ignored`, in the order their first run appears."""
+    """The finished runs grouped by every param but `ignored`, in the order their first run appears; a run identical
+    to one before it (Run.identity) is listed as its duplicate, not counted again."""
     groups: dict[str, Group] = {}
+    seen: dict[str, Run] = {}
     for run in filter(finished, runs):
         shared = {k: v for k, v in sorted(run.params.items()) if k not in ignored}
-        key = json.dumps(shared, sort_keys=True, default=str)
-        groups.setdefault(key, Group(shared)).runs.append(run)
+        group = groups.setdefault(json.dumps(shared, sort_keys=True, default=str), Group(shared))
+        if (original := seen.get(run.identity())) is not None:
+            group.duplicates.append((run, original))
+        else:
+            seen[run.identity()] = run
+            group.runs.append(run)
     return list(groups.values())
 
 
@@ -116,7 +134,12 @@ def spread(values: list[float | None]) -> dict[str, float | int | None] | None:
 
 
 def target_for(group: Group, target: float | None) -> float | None:
-    return target if target is not None else TARGETS.get(group.params.get("model.name"))
+    """`target` when given, else the model's CIFAR-10 target where every run of the group is on CIFAR-10."""
+    if target is not None:
+        return target
+    if not all(set(run.classes) == set(CIFAR10_CLASSES) for run in group.runs):
+        return None
+    return TARGETS.get(group.params.get("model.name"))
 
 
 def summarise(runs: list[Run], ignored: tuple[str, ...] = DEFAULT_IGNORED, target: float | None = None) -> dict:
@@ -136,6 +159,7 @@ def summarise(runs: list[Run], ignored: tuple[str, ...] = DEFAULT_IGNORED, targe
                 "model": group.params.get("model.name"),
                 "n": len(group.runs),
                 "runs": [{"name": r.name, "rev": r.rev, "seed": r.params.get("seed")} for r in group.runs],
+                "duplicates": [{"name": d.name, "rev": d.rev, "of": o.name} for d, o in group.duplicates],
                 "test_acc": spread(accs),
                 "test_acc_flip_tta": spread([r.test_acc_flip_tta for r in group.runs]),
                 "train_time_s": spread([r.train_time_s for r in group.runs]),
@@ -203,6 +227,10 @@ def markdown(document: dict) -> str:
         f"Runs are grouped by every param but {ignored}; std is the sample standard deviation (n/a for one run); "
         "test accuracy is the report's (fp32, final model)."
     )
+    duplicates = [d for g in document["groups"] for d in g["duplicates"]]
+    if duplicates:
+        lines += ["", "Counted once (the same params, seed included, and the same results as an earlier run):", ""]
+        lines += [f"- {d['name']}: a duplicate of {d['of']}" for d in duplicates]
     for title, key in (("Failed", "failed"), ("Not finished", "unfinished")):
         if document[key]:
             lines += ["", f"{title}:", ""]

@@ -56,11 +56,11 @@ from cifar_pipeline.engine import (
     train_epoch,
     train_step,
 )
-from cifar_pipeline.loaders import make_eval_loader, make_train_loader, resolve_backend, resolve_num_workers
+from cifar_pipeline.loaders import make_eval_loader, make_train_loader
 from cifar_pipeline.models import build_model
 from cifar_pipeline.params import Params, load_params
 from cifar_pipeline.report import STAGE_TIMES
-from cifar_pipeline.runtime import Runtime, cpu_has_native_bf16, make_runtime
+from cifar_pipeline.runtime import Runtime, cpu_has_native_bf16, make_runtime, resolve_backend, resolve_num_workers
 from cifar_pipeline.sampling import set_epoch
 
 # CIFAR-10 train statistics; the exact values do not change the cost.
@@ -218,6 +218,7 @@ def train_ours(setup: Setup, backend: str, runtime: Runtime, compiled: bool = Fa
         params.augment.model_copy(update={"backend": backend}),
         MEAN,
         STD,
+        backend=backend,
         batch_size=setup.batch_size,
         seed=params.seed,
         num_workers=workers,
@@ -276,6 +277,7 @@ def loader_rows(setup: Setup) -> list[dict[str, Any]]:
             setup.params.augment.model_copy(update={"backend": backend}),
             MEAN,
             STD,
+            backend=backend,
             batch_size=setup.batch_size,
             seed=setup.params.seed,
             num_workers=workers,

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cifar_pipeline.loaders import make_train_loader, resolve_num_workers
+from cifar_pipeline.loaders import make_train_loader
 from cifar_pipeline.params import load_params
-from cifar_pipeline.runtime import pick_device
+from cifar_pipeline.runtime import pick_device, resolve_num_workers
 from cifar_pipeline.sampling import set_epoch
 
 # CIFAR-10 train statistics; the exact values do not change the cost.
@@ -82,8 +82,8 @@ def main() -> None:
         gc.collect()
         cpu_start = cpu_seconds()
         loader = make_train_loader(
-            images, labels, augment, MEAN, STD, batch_size=batch_size, seed=params.seed, num_workers=workers,
-            device=device,
+            images, labels, augment, MEAN, STD, backend="albumentations", batch_size=batch_size, seed=params.seed,
+            num_workers=workers, device=device,
         )  # fmt: skip
         rates, seen = [], 0
         for epoch in range(args.epochs):

@@ -55,7 +55,9 @@ def test_every_process_share_put_together_is_the_one_process_batch(backend, n, w
     options = {"batch_size": 10, "seed": 5, "num_workers": 0, "device": torch.device("cpu")}
 
     def epoch(rank: int, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        loader = make_train_loader(images, labels, augment, MEAN, STD, **options, rank=rank, world_size=world)
+        loader = make_train_loader(
+            images, labels, augment, MEAN, STD, backend=backend, **options, rank=rank, world_size=world
+        )
         set_epoch(loader, 1)
         return list(loader)
 

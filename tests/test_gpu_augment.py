@@ -134,7 +134,8 @@ def test_hole_normalises_to_the_same_values_as_albumentations():
     batches = {}
     for backend in ("albumentations", "gpu"):
         augment = NOTHING.model_copy(update={"coarse_dropout_p": 1.0, "backend": backend})
-        [(batches[backend], _)] = list(make_train_loader(image, np.zeros(1, np.int64), augment, MEAN, STD, **options))
+        loader = make_train_loader(image, np.zeros(1, np.int64), augment, MEAN, STD, backend=backend, **options)
+        [(batches[backend], _)] = list(loader)
     for channel, (m, s) in enumerate(zip(MEAN, STD, strict=True)):
         expected = torch.tensor([(7 / 255 - m) / s, (round(m * 255) / 255 - m) / s])  # the image, the hole
         values = batches["albumentations"][0, channel].unique()

@@ -5,9 +5,9 @@ import torch
 from conftest import MEAN, STD, epoch_batches, random_images
 
 from cifar_pipeline.batched_augment import DeviceLoader
-from cifar_pipeline.loaders import DeviceBatches, make_eval_loader, make_train_loader, resolve_backend
-from cifar_pipeline.params import AugmentParams
-from cifar_pipeline.runtime import pick_device
+from cifar_pipeline.loaders import DeviceBatches, make_eval_loader, make_train_loader
+from cifar_pipeline.params import AugmentParams, TrainParams
+from cifar_pipeline.runtime import make_runtime, pick_device, resolve_backend
 
 CPU = torch.device("cpu")
 
@@ -22,6 +22,7 @@ def test_device_loader_is_a_drop_in_for_the_albumentations_loader():
                 AugmentParams(backend=backend),
                 MEAN,
                 STD,
+                backend=backend,
                 batch_size=batch_size,
                 seed=5,
                 num_workers=0,
@@ -59,10 +60,14 @@ def test_auto_backend_is_gpu_on_a_cuda_device_and_albumentations_on_the_cpu(monk
 
 
 def test_auto_backend_builds_the_albumentations_loaders_on_the_cpu():
+    """The runtime resolves `auto` once; the loaders build what it resolved to."""
     images, labels = random_images(20), np.arange(20, dtype=np.int64)
-    options = {"batch_size": 8, "seed": 0, "num_workers": 0, "device": CPU}
+    runtime = make_runtime(TrainParams(device="cpu"), "auto")
+    assert runtime.backend == "albumentations"
+    options = {"batch_size": 8, "seed": 0, "num_workers": 0, "device": CPU, "backend": runtime.backend}
     train = make_train_loader(images, labels, AugmentParams(backend="auto"), MEAN, STD, **options)
-    evaluation = make_eval_loader(images, labels, MEAN, STD, backend="auto", **options)
+    evaluation = make_eval_loader(images, labels, MEAN, STD, **options)
     assert isinstance(train, DeviceBatches) and isinstance(evaluation, DeviceBatches)
+    options["backend"] = make_runtime(TrainParams(device="cpu"), "gpu").backend
     gpu = make_train_loader(images, labels, AugmentParams(backend="gpu"), MEAN, STD, **options)
     assert isinstance(gpu, DeviceLoader)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,8 @@ import pytest
 import torch
 import yaml
 from test_training import assert_same_outputs, colour_images, outputs
+
+from cifar_pipeline.runtime import cpu_has_native_bf16, cpu_name
 
 pytestmark = pytest.mark.slow  # subprocesses or large models: make test-fast skips it
 
@@ -109,6 +112,26 @@ def test_a_run_with_a_weight_average_saves_it_and_the_report_names_it(tmp_path):
     summary = (root / "reports/summary.md").read_text()
     assert "| Weights in models/model.pt | EMA of the trained weights, decay 0.8 |" in summary
     assert "Best test accuracy of the weight average (" in summary
+
+
+def test_the_run_records_what_it_used_in_the_checkpoint_dvclive_params_and_the_report(reference, tmp_path):
+    """Every `auto` resolved once (runtime.make_runtime) and the result named: the hardware, the precision, the
+    augmentation backend, the loader workers, the processes, torch."""
+    ckpt = torch.load(reference / "models/model.pt", weights_only=True)
+    record = ckpt["run"]
+    expected_precision = "bf16 autocast" if cpu_has_native_bf16() else "fp32"
+    assert record["device"] == "cpu" and record["precision"] == expected_precision
+    assert record["augment_backend"] == "albumentations" and record["loader_workers"] == 0  # data.num_workers: 0
+    assert record["processes"] == 1 and record["torch"] == torch.__version__ and record["cuda"] is None
+    assert record["hardware"].startswith(f"{len(os.sched_getaffinity(0))} core") and cpu_name() in record["hardware"]
+    assert torch.load(reference / "models/best.pt", weights_only=True)["run"] == record
+    assert yaml.safe_load((reference / "reports/train/params.yaml").read_text()) == {"run": record}
+    shutil.copytree(reference, tmp_path / "run")
+    result = run_stage(tmp_path / "run", "report")
+    assert result.returncode == 0, result.stderr
+    summary = (tmp_path / "run/reports/summary.md").read_text()
+    assert f"| Trained on | {record['hardware']} (cpu), {expected_precision}, albumentations augmentation" in summary
+    assert f"(0 loader workers), 1 training process, torch {torch.__version__} (this report evaluated on cpu" in summary
 
 
 def test_two_runs_with_the_same_params_are_identical(reference, tmp_path):

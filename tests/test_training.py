@@ -52,7 +52,9 @@ def loader(
         options = {"batch_size": batch_size, "seed": 0, "num_workers": 0, "device": CPU.device}
         if train:
             augment = AugmentParams(backend="gpu")
-            return make_train_loader(images, labels, augment, MEAN, STD, full_batches=full_batches, **options)
+            return make_train_loader(
+                images, labels, augment, MEAN, STD, backend="gpu", full_batches=full_batches, **options
+            )
         return make_eval_loader(images, labels, MEAN, STD, backend="gpu", **options)
     dataset = CifarDataset(images, labels, None, 0)
     uint8_batches = make_loader(dataset, batch_size, train, workers, 0, False, full_batches)

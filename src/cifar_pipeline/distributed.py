@@ -29,7 +29,7 @@ from torch import nn
 
 from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.params import TrainParams
-from cifar_pipeline.runtime import Runtime, autocast_dtype, pick_device
+from cifar_pipeline.runtime import Runtime, autocast_dtype, pick_device, resolve_backend, resolve_num_workers
 
 # Set by torchrun in every process it starts.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -73,9 +73,10 @@ def launch(devices: int, script: str) -> None:
         sys.exit(128 + exc.sigval)
 
 
-def make_runtime(train: TrainParams) -> Runtime:
+def make_runtime(train: TrainParams, backend: str = "albumentations", num_workers: int | str = 0) -> Runtime:
     """The runtime of one of torchrun's processes, in its process group (NCCL on CUDA, gloo on the CPU): on CUDA the
-    GPU of its local rank (no gpu_claim: the run's processes take GPUs 0..N-1 of CUDA_VISIBLE_DEVICES).
+    GPU of its local rank (no gpu_claim: the run's processes take GPUs 0..N-1 of CUDA_VISIBLE_DEVICES); `backend`
+    and `num_workers` as runtime.make_runtime resolves them.
 
     torchrun's processes on this machine must be train.devices, also when a user starts torchrun (several machines).
     """
@@ -104,7 +105,18 @@ def make_runtime(train: TrainParams) -> Runtime:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     amp_dtype = autocast_dtype(train.precision, device)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    return Runtime(device, amp_dtype, train.channels_last, rank, world_size, local_processes(), distributed=True)
+    local = local_processes()
+    return Runtime(
+        device,
+        amp_dtype,
+        train.channels_last,
+        rank,
+        world_size,
+        local,
+        distributed=True,
+        backend=resolve_backend(backend, device),
+        num_workers=resolve_num_workers(num_workers, local),
+    )
 
 
 def _die_with_torchrun() -> None:

@@ -11,10 +11,8 @@ float32, until they are on the device.
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
 
 import numpy as np
 import torch
@@ -23,7 +21,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 from cifar_pipeline import paths
 from cifar_pipeline.augment import train_transforms
 from cifar_pipeline.batched_augment import DeviceDataset, DeviceLoader
-from cifar_pipeline.errors import PipelineError, require_inputs
+from cifar_pipeline.errors import require_inputs
 from cifar_pipeline.normalization import normalizer
 from cifar_pipeline.params import AugmentParams, Params
 from cifar_pipeline.runtime import Runtime, make_runtime, seed_everything
@@ -32,7 +30,6 @@ from cifar_pipeline.splits import Splits, check_images, load_splits
 from cifar_pipeline.stats import load_stats
 
 PREFETCH_FACTOR = 4  # batches each worker keeps ready
-MAX_AUTO_WORKERS = 8  # beyond this, workers stop paying for their memory and start-up time on 32x32 images
 # PCG's default stream (its increment): each image's numpy generator runs on it from a state of its own.
 PCG_INCREMENT = 0x5851F42D4C957F2D14057B7EF767814F
 
@@ -109,20 +106,6 @@ def _as_collated(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor
     return batch
 
 
-def resolve_num_workers(setting: int | Literal["auto"], processes: int = 1) -> int:
-    """`data.num_workers` as a number: `auto` leaves one CPU to the training process, up to MAX_AUTO_WORKERS; with
-    `processes` training processes on the machine, each takes its part of the CPUs."""
-    if setting == "auto":
-        try:
-            cpus = len(os.sched_getaffinity(0))  # the CPUs this process may use, not the machine's count
-        except AttributeError:  # macOS, Windows
-            cpus = os.cpu_count() or 1
-        return max(0, min(cpus // processes - 1, MAX_AUTO_WORKERS))
-    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
-        raise PipelineError(f"data.num_workers must be 'auto' or an integer >= 0, got {setting!r}")
-    return setting
-
-
 def make_loader(
     dataset: CifarDataset,
     batch_size: int,
@@ -146,13 +129,6 @@ def make_loader(
         persistent_workers=workers,
         prefetch_factor=PREFETCH_FACTOR if workers else None,
     )
-
-
-def resolve_backend(setting: str, device: torch.device) -> str:
-    """`augment.backend` as the backend to use on `device`: `auto` is gpu on CUDA, albumentations elsewhere."""
-    if setting == "auto":
-        return "gpu" if device.type == "cuda" else "albumentations"
-    return setting
 
 
 class DeviceBatches:
@@ -193,6 +169,7 @@ def make_train_loader(
     mean: Sequence[float],
     std: Sequence[float],
     *,
+    backend: str,
     batch_size: int,
     seed: int,
     num_workers: int,
@@ -201,10 +178,11 @@ def make_train_loader(
     rank: int = 0,
     world_size: int = 1,
 ) -> DeviceBatches | DeviceLoader:
-    """The training loader `augment.backend` asks for: Albumentations in worker processes, or on `device`.
+    """The training loader of `backend` (resolved: runtime.resolve_backend): Albumentations in worker processes, or
+    on `device`.
     `full_batches`: every batch holds batch_size images (train.compile wants one shape). `rank` of `world_size`:
     the share of every batch this process trains on."""
-    if resolve_backend(augment.backend, device) == "gpu":
+    if backend == "gpu":
         dataset = DeviceDataset(images, labels, mean, std, seed, device, augment)
         return DeviceLoader(dataset, batch_size, True, seed, full_batches, rank, world_size)
     dataset = CifarDataset(images, labels, train_transforms(augment, mean), seed)
@@ -229,7 +207,7 @@ def make_eval_loader(
 ) -> DeviceBatches | DeviceLoader:
     """An ordered, normalised, unaugmented loader (of this process's share of each batch, on several); with the gpu
     backend the split lives on `device` too."""
-    if resolve_backend(backend, device) == "gpu":
+    if backend == "gpu":
         dataset = DeviceDataset(images, labels, mean, std, seed, device)
         return DeviceLoader(dataset, batch_size, False, seed, rank=rank, world_size=world_size)
     dataset = CifarDataset(images, labels, None, seed)
@@ -246,7 +224,7 @@ def prepare_training(
     train stage's on several processes (distributed.py): the loader gives this process its share of each batch."""
     require_inputs({str(paths.DATA_DIR): "download", str(paths.STATS): "compute-mean-std"})
     seed_everything(params.seed, params.train.deterministic)
-    runtime = runtime or make_runtime(params.train)
+    runtime = runtime or make_runtime(params.train, params.augment.backend, params.data.num_workers)
     splits = load_splits(paths.DATA_DIR, params.data, params.seed)
     mean, std = load_stats()
     loader = make_train_loader(
@@ -255,9 +233,10 @@ def prepare_training(
         params.augment,
         mean,
         std,
+        backend=runtime.backend,
         batch_size=params.train.batch_size,
         seed=params.seed,
-        num_workers=resolve_num_workers(params.data.num_workers, runtime.local_size),
+        num_workers=runtime.num_workers,
         device=runtime.device,
         full_batches=full_batches,
         rank=runtime.rank,

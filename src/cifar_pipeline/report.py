@@ -166,6 +166,23 @@ def stage_wall_times(report_seconds: float) -> dict[str, float | None]:
     return times
 
 
+def _trained_on(ckpt: dict) -> str:
+    """What the train stage used, in words, from the checkpoint's record (runtime.Runtime.record)."""
+    run = ckpt.get("run")
+    if not isinstance(run, dict):  # a checkpoint from before the record
+        return str(ckpt.get("device", "n/a"))
+    processes = run["processes"]
+    workers = run["loader_workers"]
+    versions = f"torch {run['torch']}" + "".join(
+        f", {name} {run[key]}" for name, key in (("CUDA", "cuda"), ("cuDNN", "cudnn")) if run.get(key)
+    )
+    return (
+        f"{run['hardware']} ({run['device']}), {run['precision']}, {run['augment_backend']} augmentation "
+        f"({workers} loader worker{'s' if workers != 1 else ''}), {processes} training "
+        f"process{'es' if processes != 1 else ''}, {versions}"
+    )
+
+
 def summary_markdown(
     ckpt: dict,
     accuracy: dict,
@@ -216,7 +233,7 @@ def summary_markdown(
         f"| Model | {ckpt['model_name']}, {num_params:,} parameters (model_summary.txt) |",
         f"| Classes | {_class_list(list(accuracy['per_class_acc']))} |",
         f"| Batch size | {ckpt.get('batch_size', 'n/a')} |",
-        f"| Trained on | {ckpt.get('device', 'n/a')} (this report evaluated on {eval_device}) |",
+        f"| Trained on | {_trained_on(ckpt)} (this report evaluated on {eval_device}, fp32) |",
     ]
     per_class = "\n".join(f"| {name} | {pct(acc)} |" for name, acc in accuracy["per_class_acc"].items())
     times = "\n".join(f"| {stage} | {_seconds(t)} |" for stage, t in wall_times.items())

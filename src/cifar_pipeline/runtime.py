@@ -1,14 +1,19 @@
-"""Where and how a model runs, chosen once from the `train` params: the device, the autocast precision, the memory
-format; and the seeding of every random generator a run touches.
+"""Where and how a model runs, chosen once per stage run: every `auto` of params.yaml that depends on the machine
+(the device, the autocast precision, the augmentation backend, the loader workers) is resolved here and nowhere else,
+and `Runtime.record()` says what was used, for the run's files. Also the seeding of every random generator a run
+touches.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import random
 import warnings
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,6 +37,8 @@ class Runtime:
     world_size: int = 1
     local_size: int = 1
     distributed: bool = False
+    backend: str = "albumentations"  # augment.backend, resolved: albumentations | gpu
+    num_workers: int = 0  # data.num_workers, resolved: loader worker processes of this training process
 
     @property
     def main(self) -> bool:
@@ -40,6 +47,21 @@ class Runtime:
 
     def autocast(self) -> AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def record(self) -> dict[str, Any]:
+        """What the run used, by name: for DVCLive's params, the checkpoints and the report."""
+        precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[self.amp_dtype]
+        return {
+            "device": str(self.device),
+            "hardware": device_name(self.device),
+            "precision": precision,
+            "augment_backend": self.backend,
+            "loader_workers": self.num_workers,
+            "processes": self.world_size,
+            "torch": str(torch.__version__),  # a str subclass that YAML would not write
+            "cuda": torch.version.cuda if self.device.type == "cuda" else None,
+            "cudnn": torch.backends.cudnn.version() if self.device.type == "cuda" else None,
+        }
 
     def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         non_blocking = self.device.type == "cuda"  # overlaps the copy with compute when the loader pins memory
@@ -66,6 +88,63 @@ def pick_device(setting: str, key: str = "train.device") -> torch.device:
             f"set {key} to auto (or cpu){in_params}"
         )
     return torch.device(setting)
+
+
+def cpu_name() -> str:
+    """The CPU's model name as the OS reports it (/proc/cpuinfo on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use (its affinity), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def device_name(device: torch.device) -> str:
+    """The hardware by name: the GPU's, or the CPU's with its core count and bf16 hardware."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple GPU (MPS) of {cpu_name()}"
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    bf16 = [name for flag, name in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX")) if flag in flags]
+    if not bf16 and cpu_has_native_bf16():
+        bf16 = ["bf16 hardware"]
+    cpus = usable_cpus()
+    hardware = f" with {' and '.join(bf16)}" if bf16 else ", no bf16 hardware"
+    return f"{cpus} core{'s' if cpus != 1 else ''} of {cpu_name()}{hardware}"
+
+
+MAX_AUTO_WORKERS = 8  # beyond this, workers stop paying for their memory and start-up time on 32x32 images
+
+
+def resolve_num_workers(setting: int | Literal["auto"], processes: int = 1) -> int:
+    """`data.num_workers` as a number: `auto` leaves one CPU to the training process, up to MAX_AUTO_WORKERS; with
+    `processes` training processes on the machine, each takes its part of the CPUs."""
+    if setting == "auto":
+        return max(0, min(usable_cpus() // processes - 1, MAX_AUTO_WORKERS))
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise PipelineError(f"data.num_workers must be 'auto' or an integer >= 0, got {setting!r}")
+    return setting
+
+
+def resolve_backend(setting: str, device: torch.device) -> str:
+    """`augment.backend` as the backend to use on `device`: `auto` is gpu on CUDA, albumentations elsewhere."""
+    if setting == "auto":
+        return "gpu" if device.type == "cuda" else "albumentations"
+    return setting
 
 
 def cpu_has_native_bf16() -> bool:
@@ -105,8 +184,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
-def make_runtime(train: TrainParams) -> Runtime:
-    """The device (`train.device`), its precision (`train.precision`) and memory format (`train.channels_last`)."""
+def make_runtime(
+    train: TrainParams, backend: str = "albumentations", num_workers: int | Literal["auto"] = 0, processes: int = 1
+) -> Runtime:
+    """The device (`train.device`), its precision (`train.precision`) and memory format (`train.channels_last`), the
+    augmentation backend (`augment.backend`) and the loader workers (`data.num_workers`) of one of `processes`
+    training processes on this machine."""
     device = pick_device(train.device)
     if device.type == "cuda" and train.device == "auto":
         # A GPU of its own when several runs share the machine (gpu_claim.py); `cuda` means cuda:0, unclaimed.
@@ -114,7 +197,13 @@ def make_runtime(train: TrainParams) -> Runtime:
         torch.cuda.set_device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not train.deterministic
-    return Runtime(device, autocast_dtype(train.precision, device), train.channels_last)
+    return Runtime(
+        device,
+        autocast_dtype(train.precision, device),
+        train.channels_last,
+        backend=resolve_backend(backend, device),
+        num_workers=resolve_num_workers(num_workers, processes),
+    )
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

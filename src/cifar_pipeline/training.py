@@ -41,7 +41,7 @@ from cifar_pipeline.engine import (
     train_epoch,
 )
 from cifar_pipeline.errors import PipelineError, require_inputs
-from cifar_pipeline.loaders import make_eval_loader, prepare_training, resolve_backend, resolve_num_workers
+from cifar_pipeline.loaders import make_eval_loader, prepare_training
 from cifar_pipeline.params import Params, TrainParams
 from cifar_pipeline.plots import save_train_samples
 from cifar_pipeline.resume import fingerprint, load_resume_state, restore_rng_states, rng_states
@@ -69,7 +69,9 @@ def resolve_max_lr(setting: float | str, lr_find_path: str | Path = paths.LR_FIN
 def train(params: Params) -> dict[str, Any] | None:
     """Everything the train stage does: its outputs on disk, and DVCLive's summary of the run returned (by rank 0
     of several processes; None by the others, which write nothing)."""
-    runtime = distributed.make_runtime(params.train) if distributed.under_torchrun() else None
+    runtime = None
+    if distributed.under_torchrun():
+        runtime = distributed.make_runtime(params.train, params.augment.backend, params.data.num_workers)
     try:
         summary = _train(params, runtime)
         distributed.finish()
@@ -82,18 +84,17 @@ def _train(params: Params, runtime: Runtime | None) -> dict[str, Any] | None:
     full_batches = bool(params.train.compile)
     runtime, splits, mean, std, train_loader = prepare_training(params, full_batches, runtime)
     max_lr, max_lr_source = resolve_max_lr(params.train.max_lr)
-    workers = resolve_num_workers(params.data.num_workers, runtime.local_size)
-    loading = {"batch_size": params.train.batch_size, "seed": params.seed, "num_workers": workers}
+    loading = {"batch_size": params.train.batch_size, "seed": params.seed, "num_workers": runtime.num_workers}
     loading.update(device=runtime.device, rank=runtime.rank, world_size=runtime.world_size)
     eval_loaders = {
-        split: make_eval_loader(images, labels, mean, std, backend=params.augment.backend, **loading)
+        split: make_eval_loader(images, labels, mean, std, backend=runtime.backend, **loading)
         for split, images, labels in (
             ("val", splits.val_images, splits.val_labels),
             ("test", splits.test_images, splits.test_labels),
         )
         if len(labels)  # no val split unless data.val_size > 0
     }
-    backend = resolve_backend(params.augment.backend, runtime.device)
+    backend = runtime.backend
     if runtime.main:
         save_train_samples(train_loader.dataset, splits.classes, paths.TRAIN_SAMPLES)
         save_augmentation_record(params.augment, backend, mean, std, paths.AUGMENTATIONS)
@@ -216,7 +217,7 @@ def fit(
         progress.elapsed_s = state["wall_time_s"]
         if runtime.main:
             print(f"resuming after epoch {state['epoch']} of {train.epochs} from {root / paths.RESUME}")
-    live = _open_live(root / paths.LIVE_DIR, max_lr, max_lr_source, progress) if runtime.main else None
+    live = _open_live(root / paths.LIVE_DIR, max_lr, max_lr_source, progress, runtime) if runtime.main else None
     if state is not None:
         restore_rng_states(state["rng"][runtime.rank])  # last: building the model and loaders drew from the RNGs
 
@@ -243,6 +244,7 @@ def fit(
             max_lr_source=max_lr_source,
             **measured,
             device=str(runtime.device),
+            run=runtime.record(),
             **extra,
         )
 
@@ -363,15 +365,17 @@ def _log_lr_schedule(live: Live, lrs: list[float]) -> None:
     )
 
 
-def _open_live(live_dir: Path, max_lr: float, max_lr_source: str, progress: Progress) -> Live:
+def _open_live(live_dir: Path, max_lr: float, max_lr_source: str, progress: Progress, runtime: Runtime) -> Live:
     """A fresh DVCLive run holding the epochs before a resume, written as an uninterrupted run would.
 
     Not Live(resume=True): that keeps whatever the killed run wrote after its last saved epoch, so an epoch logged
     but not yet saved would appear twice. Logging the saved history again makes the same files in every case.
-    dvcyaml=None: DVCLive would otherwise rewrite the project's dvc.yaml.
+    dvcyaml=None: DVCLive would otherwise rewrite the project's dvc.yaml. What the run used (Runtime.record: the
+    hardware, precision, backend...) goes to DVCLive's params.yaml, which `dvc exp show` lists (dvc.yaml's params).
     """
     shutil.rmtree(live_dir, ignore_errors=True)
     live = Live(dir=str(live_dir), resume=False, report=None, save_dvc_exp=False, dvcyaml=None)
+    live.log_params({"run": runtime.record()})
     live.log_metric("max_lr", max_lr, plot=False)
     live.log_metric("max_lr_source", max_lr_source, plot=False)
     for record in progress.history:

@@ -1,5 +1,5 @@
 # The two commands a user needs: `make repro` (the whole pipeline) and `make test` (the suite, what CI runs).
-# `make test-fast`: the unit tests alone, for the edit-test loop.
+# `make test-fast`: the unit tests alone, for the edit-test loop. `make golden`: rewrite the golden record.
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export NO_ALBUMENTATIONS_UPDATE := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: repro test test-fast venv
+.PHONY: repro test test-fast golden venv
 
 venv: $(STAMP)
 
@@ -27,3 +27,7 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	pytest -m "not e2e and not slow"
+
+# Rewrite tests/golden/ after a change meant to change results (tests/test_golden.py says when).
+golden: $(STAMP)
+	python tests/test_golden.py

@@ -25,7 +25,8 @@ def main() -> None:
         )
     if skipped := meta.get("skipped_files"):
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
-        print(f"  skipped {len(skipped)} files that are not PNG or JPEG: {', '.join(skipped[:5])}{more}")
+        files = "a file that is" if len(skipped) == 1 else f"{len(skipped)} files that are"
+        print(f"  skipped {files} not PNG or JPEG: {', '.join(skipped[:5])}{more}")
 
 
 if __name__ == "__main__":

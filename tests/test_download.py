@@ -556,6 +556,17 @@ def test_download_stage_script_end_to_end(tmp_path, pickle_archive):
     assert leftovers(bad) == ["params.yaml"]
 
 
+@pytest.mark.parametrize("others", [["top/train/a/notes.txt"], ["top/train/a/notes.txt", "top/test/b/x.gif"]])
+def test_download_stage_names_the_files_it_skipped(tmp_path, others):
+    files, _ = image_folder_files(per_class_train=1, per_class_test=1, top_dir="top", classes=("a", "b"))
+    write_tar(tmp_path / "own.tar.gz", files | dict.fromkeys(others, b"not an image"))
+    (tmp_path / "params.yaml").write_text(f"data:\n  url: {tmp_path / 'own.tar.gz'}\n  md5: null\n")
+    result = run_stage("download.py", tmp_path)
+    assert result.returncode == 0, result.stderr
+    what = "a file that is" if len(others) == 1 else f"{len(others)} files that are"
+    assert f"  skipped {what} not PNG or JPEG: {', '.join(sorted(others))}\n" in result.stdout
+
+
 # --- the shared real copy -------------------------------------------------------------------------------------
 
 

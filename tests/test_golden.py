@@ -9,9 +9,11 @@ differently and training amplifies it, so the run is held to the loose bounds be
 (Zen 4) and an Intel Xeon with AMX: the range test's early losses to 1e-3, the epochs' losses to 2%, accuracies to
 two test images, the suggestion to two of the range test's steps.
 
-After a change that is meant to change results, rewrite the record and say why in the commit; this deletes the
-records of other machines, which the change made stale (they fall back to the loose bounds until re-recorded there):
-    UPDATE_GOLDEN=1 pytest tests/test_golden.py
+After a change that is meant to change results, rewrite the record with its own command (never a mode of the test,
+which could then not fail) and say why in the commit; this deletes the records of other machines, which the change
+made stale (they fall back to the loose bounds until re-recorded there):
+    make golden             # = .venv/bin/python tests/test_golden.py
+Another machine's record beside the existing ones (the code unchanged): .venv/bin/python tests/test_golden.py --add
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -118,14 +121,27 @@ def record_path(platform_name: str) -> Path:
 
 
 def test_a_tiny_run_computes_what_the_golden_record_says(tmp_path):
-    run = tiny_run(tmp_path / "project")
-    if os.environ.get("UPDATE_GOLDEN"):
-        for stale in records():
-            stale.unlink()
-        GOLDEN_DIR.mkdir(exist_ok=True)
-        record_path(run["platform"]).write_text(json.dumps(run, indent=1) + "\n")
+    check_against(tiny_run(tmp_path / "project"), records())
+
+
+@pytest.mark.parametrize("field", ["suggested_lr", "weights_sha256", "test_acc"])
+def test_the_comparison_fails_on_a_changed_number(field):
+    """The check is not a formality: the stored record passes against itself and fails once one number moves."""
     known = records()
-    assert known, f"no golden record in {GOLDEN_DIR}: UPDATE_GOLDEN=1 writes one"
+    golden = next(iter(known.values()))
+    check_against(golden, known)
+    changed = dict(golden, **{field: golden[field] * 10 if isinstance(golden[field], float) else "0" * 64})
+    with pytest.raises(AssertionError):
+        check_against(changed, known)
+    other_machine = dict(changed, platform="another CPU")  # held to the loose bounds: still caught
+    if field != "weights_sha256":  # the digest is compared on the same machine only
+        with pytest.raises(AssertionError):
+            check_against(other_machine, known)
+
+
+def check_against(run: dict, known: dict[Path, dict]) -> None:
+    """`run` against the record of its machine, bit for bit, or against another machine's within the loose bounds."""
+    assert known, f"no golden record in {GOLDEN_DIR}: `make golden` writes one"
     same_machine = [golden for golden in known.values() if golden["platform"] == run["platform"]]
     if same_machine:
         assert run == same_machine[0]
@@ -143,3 +159,20 @@ def test_a_tiny_run_computes_what_the_golden_record_says(tmp_path):
         assert run["epochs"][name] == pytest.approx(values, **tolerance), name
     assert run["test_acc"] == pytest.approx(golden["test_acc"], abs=two_images)
     assert run["test_acc_flip_tta"] == pytest.approx(golden["test_acc_flip_tta"], abs=two_images)
+
+
+def write_record(keep_others: bool) -> Path:
+    """Run the tiny run here and write its record; without `keep_others`, delete every other machine's."""
+    with tempfile.TemporaryDirectory() as scratch:
+        run = tiny_run(Path(scratch) / "project")
+    if not keep_others:
+        for stale in records():
+            stale.unlink()
+    GOLDEN_DIR.mkdir(exist_ok=True)
+    path = record_path(run["platform"])
+    path.write_text(json.dumps(run, indent=1) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    print(f"wrote {write_record(keep_others='--add' in sys.argv[1:])}")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from archives import CLASSES
@@ -183,11 +184,19 @@ def test_bad_files_get_one_line_each_and_the_others_are_still_answered(capsys, t
     assert document["errors"] == [{"file": str(tmp_path / "notes.png"), "error": "not an image (expected PNG or JPEG)"}]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_unreadable_file_is_named(capsys, tiny_model, photos, tmp_path):
+def test_unreadable_file_is_named(capsys, tiny_model, photos, tmp_path, monkeypatch):
     locked = tmp_path / "locked.png"
     locked.write_bytes(photos[1][0].read_bytes())
     locked.chmod(0)
+    if os.geteuid() == 0:  # root (as in CI) reads any file: have opening it fail as it does for everyone else
+        opened = PIL.Image.open
+
+        def refused(path, *args, **kwargs):
+            if str(path) == str(locked):
+                raise PermissionError(13, "Permission denied", str(path))
+            return opened(path, *args, **kwargs)
+
+        monkeypatch.setattr(PIL.Image, "open", refused)
     status, _, err = predict(capsys, str(locked), "--model", str(tiny_model[0]))
     assert status == 1 and err == f"error: {locked}: cannot be read: Permission denied\n"
 

@@ -57,6 +57,8 @@ def write_train_log(log_dir: Path) -> dict:
     try:
         # The calls the train stage makes (cifar_pipeline.training.fit), with made-up numbers.
         live = Live(dir=log_dir.name, resume=False, report=None, save_dvc_exp=False, dvcyaml=None)
+        record = {"device": "cpu", "hardware": "2 cores of a CPU", "precision": "fp32", "augment_backend": "gpu"}
+        live.log_params({"run": record | {"loader_workers": 0, "processes": 1, "torch": "2", "cuda": None}})
         live.log_metric("max_lr", MAX_LR, plot=False)
         live.log_metric("max_lr_source", "lr-find", plot=False)
         schedule = [MAX_LR * min(1.0, (step + 1) / 6) for step in range(EPOCHS * STEPS_PER_EPOCH)]
@@ -574,6 +576,20 @@ def test_misclassified_grid_handles_no_mistakes(tmp_path):
     assert fig.get_suptitle() == "No mistakes on the 50 test images"
     save_figure(tmp_path / "none.png", fig)
     assert (tmp_path / "none.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("correct", [10, 9])
+def test_summary_shows_the_mistakes_picture_only_when_there_are_mistakes(correct):
+    from cifar_pipeline.report import summary_markdown
+
+    ckpt = {"epoch": 5, "max_lr": 0.2, "max_lr_source": "params", "model_name": "custom_resnet", "device": "cpu"}
+    accuracy = {"test_acc": 10.0 * correct, "correct": correct, "total": 10, "per_class_acc": {"cat": 90.0}}
+    text = summary_markdown(ckpt, accuracy, {}, None, 1000, {"report": 1.0}, "cpu")
+    if correct == 10:
+        assert "No test image of the 10 is misclassified." in text and "misclassified.png" not in text
+    else:
+        assert "1 of 10 test images are misclassified. The most confident mistakes:" in text
+        assert "![misclassified test images](misclassified.png)" in text
 
 
 def test_summary_names_validation_accuracy_and_params_lr_when_there_is_a_val_split():

@@ -8,6 +8,7 @@ names, mean and std travel in the model's metadata (`classes` as JSON, `mean`, `
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -40,18 +41,27 @@ def export_onnx(classifier: Classifier, path: str | Path) -> None:
     module = Normalised(classifier).eval()
     example = torch.rand(2, 3, 32, 32)
     batch = torch.export.Dim("batch")
+    # The exporter's registry of ONNX functions logs "torchvision is not installed. Skipping torchvision::nms" and the
+    # like for torchvision's ops, which our models never use: not the user's concern, and neither are its notes on
+    # its own internals (warnings).
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry.level
+    registry.setLevel(logging.ERROR)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's notes on its own internals are not the user's concern
-        program = torch.onnx.export(
-            module,
-            (example,),
-            dynamo=True,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes={"images": {0: batch}},
-            verbose=False,
-            report=False,
-        )
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                module,
+                (example,),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes={"images": {0: batch}},
+                verbose=False,
+                report=False,
+            )
+        finally:
+            registry.setLevel(level)
     proto = program.model_proto
     metadata = {
         "classes": json.dumps(list(classifier.classes)),

@@ -235,6 +235,13 @@ def summary_markdown(
         f"| Batch size | {ckpt.get('batch_size', 'n/a')} |",
         f"| Trained on | {_trained_on(ckpt)} (this report evaluated on {eval_device}, fp32) |",
     ]
+    wrong = accuracy["total"] - accuracy["correct"]
+    mistakes = f"No test image of the {accuracy['total']:,} is misclassified."
+    if wrong:
+        mistakes = (
+            f"{wrong:,} of {accuracy['total']:,} test images are misclassified. The most confident mistakes:\n\n"
+            "![misclassified test images](misclassified.png)"
+        )
     per_class = "\n".join(f"| {name} | {pct(acc)} |" for name, acc in accuracy["per_class_acc"].items())
     times = "\n".join(f"| {stage} | {_seconds(t)} |" for stage, t in wall_times.items())
     return f"""# Run report
@@ -251,10 +258,7 @@ Loss and accuracy per epoch, and the One Cycle learning rate per optimizer step:
 
 ## Where the model goes wrong
 
-{accuracy["total"] - accuracy["correct"]:,} of {accuracy["total"]:,} test images are misclassified.
-The most confident mistakes:
-
-![misclassified test images](misclassified.png)
+{mistakes}
 
 | class | test accuracy |
 |---|---|

@@ -11,51 +11,18 @@ import pytest
 import yaml
 from conftest import ROOT
 
+from cifar_pipeline.resume import NOT_CODE_DEPS, imported_package_files
+
 PACKAGE = "cifar_pipeline"
 SOURCE = ROOT / "src"
-# How errors are worded and how files are written (atomically), not what a stage computes: left out on purpose.
-NOT_DEPS = {"src/cifar_pipeline/__init__.py", "src/cifar_pipeline/errors.py", "src/cifar_pipeline/atomic.py"}
+NOT_DEPS = {f"src/{PACKAGE}/{name}" for name in NOT_CODE_DEPS}  # how errors are worded and files written
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
-def module_file(module: str) -> Path | None:
-    path = SOURCE.joinpath(*module.split("."))
-    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def imported_files(path: Path) -> set[Path]:
-    """The package files `path` imports at module level (imports inside functions run only when called, and the
-    one there, params.py's model-name check, validates a name without using the models)."""
-    files = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == PACKAGE:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        elif isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names if alias.name.split(".")[0] == PACKAGE]
-        else:
-            continue
-        files |= {file for file in map(module_file, names) if file is not None}
-    return files
-
-
 def used_files(script: Path) -> set[str]:
-    """Every package file `script` loads, transitively, relative to the project root."""
-    seen: set[Path] = set()
-    todo = [script]
-    while todo:
-        for file in imported_files(todo.pop()):
-            if file not in seen:
-                seen.add(file)
-                todo.append(file)
-                # A package's __init__ is loaded with any of its modules.
-                init = file.parent / "__init__.py"
-                if init != file and init.is_file() and init not in seen:
-                    seen.add(init)
-                    todo.append(init)
-    return {str(file.relative_to(ROOT)) for file in seen}
+    """Every package file `script` loads at module level, transitively, relative to the project root: the same
+    closure the resume state's fingerprint hashes for the train stage (resume.imported_package_files)."""
+    return {str(file.relative_to(ROOT)) for file in imported_package_files(script, SOURCE / PACKAGE)}
 
 
 def covering_dep(file: str, deps: list[str]) -> str | None:
@@ -75,13 +42,18 @@ def test_stage_deps_list_exactly_the_package_files_it_imports(stage):
     assert not unused, f"{stage} lists {unused} in dvc.yaml but does not import them"
 
 
+def module_file(module: str) -> Path | None:
+    path = SOURCE.joinpath(*module.split("."))
+    return next((c for c in (path.with_suffix(".py"), path / "__init__.py") if c.is_file()), None)
+
+
 def all_imports(path: Path) -> set[Path]:
     """Every package file `path` imports anywhere: at module level, inside functions, under TYPE_CHECKING."""
     files = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == PACKAGE:
             names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-            files |= {file for file in map(module_file, names) if file is not None}
+            files |= {file for file in (module_file(name) for name in names) if file is not None}
     return files - {path}
 
 

@@ -381,6 +381,21 @@ def test_fingerprint_follows_the_package_source_but_not_where_it_lies(tmp_path):
     assert resume.fingerprint(base, 0.1, [], code_dir=code) != same
 
 
+@pytest.mark.parametrize(
+    ("edited", "voids"),
+    [("report.py", False), ("cli.py", False), ("engine.py", True), ("training.py", True), ("augment.py", True)],
+)
+def test_the_fingerprint_covers_exactly_the_train_stages_code(tmp_path, edited, voids):
+    """An edit of code the train stage does not run (the report's, the commands') keeps a killed run's resume state;
+    an edit of the code it runs voids it."""
+    base = parse_params({})
+    code = tmp_path / "cifar_pipeline"
+    shutil.copytree(resume.PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__"))
+    same = resume.fingerprint(base, 0.1, [], code_dir=code)
+    (code / edited).write_text((code / edited).read_text() + "\n# an edit\n")
+    assert (resume.fingerprint(base, 0.1, [], code_dir=code) != same) is voids
+
+
 def test_fit_logs_every_metric_and_the_one_cycle_schedule(tmp_path, capsys):
     train = TrainParams(epochs=3, peak_epoch=2, div_factor=10.0, device="cpu")
     summary = run_fit(tmp_path, train, max_lr=0.05)

@@ -1,13 +1,14 @@
 """The train stage's resume state: what lets a killed run continue after its last completed epoch.
 
 After each epoch but the last, the whole state of the run (weights, optimizer, scheduler, grad scaler, history, RNG
-states) goes atomically to .resume/train.pt with a fingerprint of the params, inputs and package source. A rerun
+states) goes atomically to .resume/train.pt with a fingerprint of the params, inputs and the train stage's code. A rerun
 with the same fingerprint continues after the saved epoch and ends with the same weights and metrics as an
 uninterrupted run; with another fingerprint it starts afresh. DVC has no checkpoints of its own: this is ours.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import random
@@ -21,14 +22,50 @@ import torch
 from cifar_pipeline.params import Params
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+# How errors are worded and how files are written (atomically), not what a stage computes: no stage's dependency.
+NOT_CODE_DEPS = ("__init__.py", "errors.py", "atomic.py")
+
+
+def _module_file(module: str, package_dir: Path) -> Path | None:
+    path = package_dir.joinpath(*module.split(".")[1:])  # cifar_pipeline.models.x -> package_dir/models/x
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_package_files(script: str | Path, package_dir: str | Path = PACKAGE_DIR) -> set[Path]:
+    """Every file of the package in `package_dir` that `script` imports at module level, transitively, each package's
+    __init__ with its modules: the code a stage runs, which dvc.yaml lists as the stage's deps
+    (tests/test_stage_deps.py). Imports inside functions are left out: they run only when called, and the one there,
+    params.py's model-name check, validates a name without using the models."""
+    package_dir, package = Path(package_dir), __name__.split(".")[0]  # the package may lie in a folder of another name
+    seen: set[Path] = set()
+    todo = [Path(script)]
+    while todo:
+        for node in ast.parse(todo.pop().read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == package:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names if alias.name.split(".")[0] == package]
+            else:
+                continue
+            for file in filter(None, (_module_file(name, package_dir) for name in names)):
+                for loaded in (file, file.parent / "__init__.py"):
+                    if loaded not in seen and loaded.is_file():
+                        seen.add(loaded)
+                        todo.append(loaded)
+    return seen
 
 
 def fingerprint(params: Params, max_lr: float, files: Iterable[str | Path], code_dir: str | Path = PACKAGE_DIR) -> str:
     """A hash of everything the train stage's result depends on: a resume state is only valid under the same one.
 
     data.num_workers is left out: the augmentations do not depend on it, so a resumed run may use other workers.
-    The package's source is in: DVC reruns the stage after a code change, and a run killed under the old code must
-    not be continued by the new one (the half-trained weights would pass for the new code's result).
+    The train stage's code is in, exactly the package files it imports (its code deps in dvc.yaml): DVC reruns the
+    stage after such a change, and a run killed under the old code must not be continued by the new one (the
+    half-trained weights would pass for the new code's result). An edit of code it does not run (the report's)
+    keeps the state.
     """
     digest = hashlib.sha256()
     settings = params.model_dump(
@@ -40,7 +77,9 @@ def fingerprint(params: Params, max_lr: float, files: Iterable[str | Path], code
         digest.update(str(path).encode())
         digest.update(path.read_bytes() if path.is_file() else b"<missing>")
     code_dir = Path(code_dir)
-    for path in sorted(code_dir.rglob("*.py")):  # by package-relative name, so a moved clone can still resume
+    code = imported_package_files(code_dir / "training.py", code_dir) | {code_dir / "training.py"}
+    for path in sorted(p for p in code if p.name not in NOT_CODE_DEPS or p.parent != code_dir):
+        # By package-relative name, so a moved clone can still resume.
         digest.update(path.relative_to(code_dir).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()

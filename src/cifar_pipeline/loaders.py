@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -216,9 +217,17 @@ def make_eval_loader(
     return DeviceBatches(loader, normalizer(mean, std, device), device)
 
 
-def prepare_training(
-    params: Params, full_batches: bool = False, runtime: Runtime | None = None
-) -> tuple[Runtime, Splits, tuple[float, ...], tuple[float, ...], DeviceBatches | DeviceLoader]:
+class Training(NamedTuple):
+    """What lr-find and train start from (prepare_training)."""
+
+    runtime: Runtime
+    splits: Splits
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    loader: DeviceBatches | DeviceLoader  # the training batches
+
+
+def prepare_training(params: Params, full_batches: bool = False, runtime: Runtime | None = None) -> Training:
     """What lr-find and train both start from: every RNG seeded, the runtime, the splits, the dataset's mean and
     std, and the training loader over them (the same batches for the range test as for training). `runtime`: the
     train stage's on several processes (distributed.py): the loader gives this process its share of each batch."""
@@ -242,4 +251,4 @@ def prepare_training(
         rank=runtime.rank,
         world_size=runtime.world_size,
     )
-    return runtime, splits, mean, std, loader
+    return Training(runtime, splits, mean, std, loader)

@@ -129,7 +129,8 @@ def run_range_test(params: Params) -> dict[str, Any]:
     batches of its own (the loader's next passes), and the curves are averaged step by step (mean_curve): one test's
     pick moves several-fold with the seed (README: "The LR range test"). The first test is the single test's.
     """
-    runtime, splits, _, _, loader = prepare_training(params)
+    start = prepare_training(params)
+    runtime, splits, loader = start.runtime, start.splits, start.loader
     cfg = params.lr_find
     passes = math.ceil(cfg.num_iter / len(loader))  # of the loader, per test
     steps = f"{cfg.num_iter} steps from {cfg.start_lr:g} to {cfg.end_lr:g}"

@@ -157,6 +157,18 @@ class Progress:
         return improved
 
 
+@dataclass(frozen=True)
+class RunFiles:
+    """What every file a run writes shares: the max LR and where it came from, the resume fingerprint, what goes into
+    both checkpoints as it is, and the folder the paths.py places are under."""
+
+    max_lr: float
+    max_lr_source: str
+    fingerprint: str
+    checkpoint_extra: dict[str, Any]
+    root: Path
+
+
 def fit(
     model: nn.Module,
     train_loader: DataLoader,
@@ -180,118 +192,33 @@ def fit(
     (distributed.py); rank 0 alone reads and writes the files and returns the summary, the others return None.
     """
     started = time.perf_counter()
-    if len(train_loader) == 0:
-        raise PipelineError(
-            f"the {len(train_loader.dataset)} training images make no batch to train on: with train.compile every "
-            f"batch must be full (train.batch_size {train.batch_size}); lower train.batch_size or set "
-            "train.compile: false"
-        )
-    step_model = model
-    if runtime.distributed:
-        model = distributed.sync_batchnorm(model, runtime.device.type)
-        step_model = distributed.wrap(model, runtime.device)
-    step_model = compile_model(step_model, train.compile) if train.compile else step_model
-    optimizer = make_optimizer(model, max_lr / train.div_factor, train.weight_decay, runtime)
-    scheduler = make_scheduler(optimizer, max_lr, train.epochs, len(train_loader), train.peak_epoch, train.div_factor)
-    scaler = make_scaler(runtime)
-    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    # train.ema: the average is evaluated beside the trained weights every epoch, and is what the model files hold.
-    weights = "ema/" if train.ema else ""
-    if train.ema:
-        parts["ema"] = make_ema(model, train.ema)
-    progress = Progress("val" if "val" in eval_loaders else "test", weights)
-
+    model, step_model, parts = _train_parts(model, train, runtime, max_lr, train_loader)
     # The weights' names and shapes join the fingerprint: a state saved by an edited model is not loadable. So does
     # the process count: each process's RNG state is in it.
     shapes = [(name, tuple(value.shape)) for name, value in model.state_dict().items()]
-    run_fingerprint = hashlib.sha256(f"{run_fingerprint}{shapes}{runtime.world_size}".encode()).hexdigest()
-    state = None
-    if runtime.main:
-        state = load_resume_state(root / paths.RESUME, run_fingerprint, root / paths.RESUME_BEST)
-    if runtime.distributed:
-        state = distributed.broadcast(state)
-    if state is not None:
-        for name, part in parts.items():
-            part.load_state_dict(state[name])
-        progress = Progress(progress.best_split, weights, state["history"], state["lr_history"], state["best"])
-        progress.elapsed_s = state["wall_time_s"]
-        if runtime.main:
-            print(f"resuming after epoch {state['epoch']} of {train.epochs} from {root / paths.RESUME}")
+    fingerprint = hashlib.sha256(f"{run_fingerprint}{shapes}{runtime.world_size}".encode()).hexdigest()
+    files = RunFiles(max_lr, max_lr_source, fingerprint, checkpoint_extra, root)
+    progress = Progress("val" if "val" in eval_loaders else "test", "ema/" if train.ema else "")
+    progress, rngs = _resume(parts, progress, files, runtime, train.epochs)
     live = _open_live(root / paths.LIVE_DIR, max_lr, max_lr_source, progress, runtime) if runtime.main else None
-    if state is not None:
-        restore_rng_states(state["rng"][runtime.rank])  # last: building the model and loaders drew from the RNGs
-
-    def checkpoint(tensors: dict[str, Any], record: dict[str, float], loss: float) -> dict[str, Any]:
-        """A model file: the weights (their average with train.ema) and the optimizer's state, with what the epoch
-        measured of those weights."""
-        extra = dict(checkpoint_extra)
-        measured = {f"{s}_acc": record[f"{weights}{s}/acc"] for s in ("test", "val") if f"{weights}{s}/acc" in record}
-        state_dict = tensors["model"]
-        if train.ema:
-            average = tensors["ema"]
-            state_dict = {key: average[f"module.{key}"] for key in state_dict}
-        return make_checkpoint(
-            state_dict,
-            extra.pop("model_name"),
-            extra.pop("model_kwargs"),
-            epoch=int(record["epoch"]),
-            optimizer=tensors["optimizer"],
-            scheduler=tensors["scheduler"],
-            loss=loss,
-            train_acc=record["train/acc"],
-            weights=f"EMA of the trained weights, decay {train.ema}" if train.ema else "trained",
-            max_lr=max_lr,
-            max_lr_source=max_lr_source,
-            **measured,
-            device=str(runtime.device),
-            run=runtime.record(),
-            **extra,
-        )
-
-    def tensors() -> dict[str, Any]:
-        return {"model": model_state(model), **{name: parts[name].state_dict() for name in parts if name != "model"}}
-
+    if rngs is not None:
+        restore_rng_states(rngs[runtime.rank])  # last: building the model and loaders drew from the RNGs
     writer = CheckpointWriter()
     try:
         for epoch in range(progress.epoch + 1, train.epochs + 1):
             record, lrs, loss = _one_epoch(epoch, step_model, model, train_loader, eval_loaders, parts, runtime, train)
             improved = progress.add(record, lrs)
-            wall_time_s = progress.elapsed_s + time.perf_counter() - started
             if epoch < train.epochs:
                 # Every process's RNG states, in rank order (dropout draws differ between processes).
                 rngs = distributed.gather(rng_states()) if runtime.distributed else [rng_states()]
-            if not runtime.main:
-                continue
-            _log_epoch(live, record, progress.best)
-            _log_lr_schedule(live, progress.lr_history)
-            print(_epoch_line(record, train.epochs), flush=True)
-
-            if epoch < train.epochs:
-                snapshot = writer.snapshot(tensors())
-                resume_state = {
-                    "fingerprint": run_fingerprint,
-                    "epoch": epoch,
-                    **snapshot,
-                    "history": list(progress.history),
-                    "lr_history": list(progress.lr_history),
-                    "best": progress.best,
-                    "wall_time_s": wall_time_s,
-                    "rng": rngs,
-                }
-                # The best model first: a resume state on disk never names a best epoch that it does not hold yet.
-                best_file = [(root / paths.RESUME_BEST, checkpoint(snapshot, record, loss))] if improved else []
-                writer.write([*best_file, (root / paths.RESUME, resume_state)])
-            else:
-                writer.wait()
-                final = tensors()
-                if improved:
-                    save_plain(root / paths.BEST, checkpoint(final, record, loss))
-                    (root / paths.RESUME_BEST).unlink(missing_ok=True)
-                else:
-                    (root / paths.BEST).parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(root / paths.RESUME_BEST, root / paths.BEST)  # same file system: atomic
-                save_plain(root / paths.MODEL, checkpoint(final, record, loss))
-                live.log_metric("wall_time_s", round(wall_time_s, 3), plot=False)
+            if runtime.main:
+                _log_epoch(live, record, progress.best)
+                _log_lr_schedule(live, progress.lr_history)
+                print(_epoch_line(record, train.epochs), flush=True)
+                wall_time_s = progress.elapsed_s + time.perf_counter() - started
+                _save_epoch(writer, parts, progress, (record, loss, improved), rngs, wall_time_s, train, runtime, files)
+                if epoch == train.epochs:
+                    live.log_metric("wall_time_s", round(wall_time_s, 3), plot=False)
     finally:
         writer.close()  # on an error too: the files already handed over are written
     if not runtime.main:
@@ -299,6 +226,136 @@ def fit(
     live.end()
     (root / paths.RESUME).unlink(missing_ok=True)
     return live.summary
+
+
+def _train_parts(
+    model: nn.Module, train: TrainParams, runtime: Runtime, max_lr: float, train_loader: DataLoader
+) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+    """(the model, the module the train step calls, the parts a resume state holds: model, optimizer, scheduler,
+    scaler, and with train.ema the weight average, evaluated beside the trained weights and saved in their place).
+    On several processes the model gets synchronised batch norm and the train step DDP; train.compile compiles it."""
+    if len(train_loader) == 0:
+        raise PipelineError(
+            f"the {len(train_loader.dataset)} training images make no batch to train on: with train.compile every "
+            f"batch must be full (train.batch_size {train.batch_size}); lower train.batch_size or set "
+            "train.compile: false"
+        )
+    steps_per_epoch = len(train_loader)
+    step_model = model
+    if runtime.distributed:
+        model = distributed.sync_batchnorm(model, runtime.device.type)
+        step_model = distributed.wrap(model, runtime.device)
+    step_model = compile_model(step_model, train.compile) if train.compile else step_model
+    optimizer = make_optimizer(model, max_lr / train.div_factor, train.weight_decay, runtime)
+    scheduler = make_scheduler(optimizer, max_lr, train.epochs, steps_per_epoch, train.peak_epoch, train.div_factor)
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": make_scaler(runtime)}
+    if train.ema:
+        parts["ema"] = make_ema(model, train.ema)
+    return model, step_model, parts
+
+
+def _resume(
+    parts: dict[str, Any], progress: Progress, files: RunFiles, runtime: Runtime, epochs: int
+) -> tuple[Progress, list[dict[str, Any]] | None]:
+    """Load the resume state that fits this run (rank 0 reads it, the others get it) into `parts`: the progress it
+    holds and every process's RNG states, or `progress` as it is and None when there is none."""
+    state = None
+    if runtime.main:
+        state = load_resume_state(files.root / paths.RESUME, files.fingerprint, files.root / paths.RESUME_BEST)
+    if runtime.distributed:
+        state = distributed.broadcast(state)
+    if state is None:
+        return progress, None
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    resumed = Progress(progress.best_split, progress.weights, state["history"], state["lr_history"], state["best"])
+    resumed.elapsed_s = state["wall_time_s"]
+    if runtime.main:
+        print(f"resuming after epoch {state['epoch']} of {epochs} from {files.root / paths.RESUME}")
+    return resumed, state["rng"]
+
+
+def _tensors(parts: dict[str, Any]) -> dict[str, Any]:
+    return {name: model_state(part) if name == "model" else part.state_dict() for name, part in parts.items()}
+
+
+def _model_file(
+    tensors: dict[str, Any],
+    record: dict[str, float],
+    loss: float,
+    train: TrainParams,
+    runtime: Runtime,
+    files: RunFiles,
+) -> dict[str, Any]:
+    """A model file: the weights (their average with train.ema) and the optimizer's state, with what the epoch
+    measured of those weights."""
+    weights = "ema/" if train.ema else ""
+    extra = dict(files.checkpoint_extra)
+    measured = {f"{s}_acc": record[f"{weights}{s}/acc"] for s in ("test", "val") if f"{weights}{s}/acc" in record}
+    state_dict = tensors["model"]
+    if train.ema:
+        state_dict = {key: tensors["ema"][f"module.{key}"] for key in state_dict}
+    return make_checkpoint(
+        state_dict,
+        extra.pop("model_name"),
+        extra.pop("model_kwargs"),
+        epoch=int(record["epoch"]),
+        optimizer=tensors["optimizer"],
+        scheduler=tensors["scheduler"],
+        loss=loss,
+        train_acc=record["train/acc"],
+        weights=f"EMA of the trained weights, decay {train.ema}" if train.ema else "trained",
+        max_lr=files.max_lr,
+        max_lr_source=files.max_lr_source,
+        **measured,
+        device=str(runtime.device),
+        run=runtime.record(),
+        **extra,
+    )
+
+
+def _save_epoch(
+    writer: CheckpointWriter,
+    parts: dict[str, Any],
+    progress: Progress,
+    epoch_result: tuple[dict[str, float], float, bool],
+    rngs: list[dict[str, Any]],
+    wall_time_s: float,
+    train: TrainParams,
+    runtime: Runtime,
+    files: RunFiles,
+) -> None:
+    """After an epoch but the last: the resume state (and the best model, when the epoch improved it) to .resume/,
+    written off the training thread. After the last: models/model.pt and models/best.pt."""
+    record, loss, improved = epoch_result
+    root = files.root
+    if record["epoch"] < train.epochs:
+        snapshot = writer.snapshot(_tensors(parts))
+        resume_state = {
+            "fingerprint": files.fingerprint,
+            "epoch": record["epoch"],
+            **snapshot,
+            "history": list(progress.history),
+            "lr_history": list(progress.lr_history),
+            "best": progress.best,
+            "wall_time_s": wall_time_s,
+            "rng": rngs,
+        }
+        # The best model first: a resume state on disk never names a best epoch that it does not hold yet.
+        best = (
+            [(root / paths.RESUME_BEST, _model_file(snapshot, record, loss, train, runtime, files))] if improved else []
+        )
+        writer.write([*best, (root / paths.RESUME, resume_state)])
+        return
+    writer.wait()
+    final = _model_file(_tensors(parts), record, loss, train, runtime, files)
+    if improved:
+        save_plain(root / paths.BEST, final)
+        (root / paths.RESUME_BEST).unlink(missing_ok=True)
+    else:
+        (root / paths.BEST).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(root / paths.RESUME_BEST, root / paths.BEST)  # same file system: atomic
+    save_plain(root / paths.MODEL, final)
 
 
 def _one_epoch(

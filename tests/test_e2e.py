@@ -25,10 +25,10 @@ import torch
 import yaml
 from archives import CLASSES, learnable_archive
 from conftest import GLOO_ABORT, ROOT, follow_undo_advice, gloo_aborted
+from doc_pages import documented, exp_show_command
 from PIL import Image
 
 pytestmark = pytest.mark.e2e
-README = (ROOT / "README.md").read_text()
 
 STAGES = ["check-params", "download", "compute-mean-std", "lr-find", "train", "report"]
 
@@ -51,20 +51,11 @@ def deep_update(base: dict, changes: dict) -> dict:
     return base
 
 
-# Every successful dvc and gto command of this module, as (tool, subcommand words): the last test checks that each
-# one the README shows has run here.
-COMMANDS_RUN: set[tuple[str, ...]] = set()
-
-
 def run(cwd: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     env = env or dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    if result.returncode == 0:
-        is_dvc = args[:3] == (sys.executable, "-m", "dvc")
-        tool, words = ("dvc", args[3:]) if is_dvc else (Path(args[0]).name, args[1:])
-        COMMANDS_RUN.add((tool, *[w for w in words[:2] if not w.startswith("-")]))
     return result
 
 
@@ -137,12 +128,9 @@ def metrics(path: Path) -> dict:
 
 
 def test_the_readme_first_run_finishes_in_minutes_on_a_fresh_clone(tmp_path):
-    # The Quick start's first command, to the letter, on params.yaml as shipped; the archive (data.url, as the
-    # README says to add for a local copy) is learnable_archive's, just large enough for its subset sizes.
-    quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    first_run = re.findall(r"```bash\n(.*?)```", quick_start, flags=re.DOTALL)[1]
-    words = first_run.replace("\\\n", " ").split()
-    assert words[:3] == ["dvc", "exp", "run"]
+    # The README's first command, to the letter, on params.yaml as shipped; the archive (data.url, as docs/own-data.md
+    # says to add for a local copy) is learnable_archive's, just large enough for its subset sizes.
+    words = documented("dvc exp run -S model.name=dilated_net", "README.md")
     archive = tmp_path / "cifar.tar.gz"
     learnable_archive(archive, per_class_train=200, per_class_test=50)  # 2,000 and 500 images
     path = make_project(tmp_path / "clone", archive, tiny=False)
@@ -413,7 +401,7 @@ def test_exp_run_with_a_number_skips_lr_find_and_trains_with_it(project):
     before = metrics(project)
     result = dvc(project, "exp", "run", "-n", "lr-002", "-S", "train.max_lr=0.02")
     assert stages_run(result.stdout) == ["check-params", "train", "report"]
-    # DVC warns of each output without a recorded hash, which only a never-run pipeline has (README).
+    # DVC warns of each output without a recorded hash, which only a never-run pipeline has (README.md).
     assert "No file hash info found" not in result.stdout + result.stderr
     after = metrics(project)
     assert after["max_lr"] == pytest.approx(0.02)
@@ -479,8 +467,8 @@ def report_accuracies(project: Path) -> dict[str, tuple[str, int, float | None]]
 
 
 def test_a_queued_seed_sweep_is_summarised_compared_applied_and_branched(project, tmp_path):
-    # The README's seed sweep (hydra's range: 1, 2), and a run that fails at check-params. One queue for all the
-    # experiment commands: each queued run costs the suite seconds.
+    # docs/experiments.md's seed sweep (hydra's range: 1, 2), and a run that fails at check-params. One queue for all
+    # the experiment commands: each queued run costs the suite seconds.
     dvc(project, "exp", "run", "--queue", "-S", "seed=range(1,3)", "-S", "train.max_lr=0.015")
     dvc(project, "exp", "run", "--queue", "-n", "broken", "-S", "seed=9", "-S", "model.name=vgg")
     dvc(project, "queue", "start", "-j", "1")
@@ -533,6 +521,55 @@ def test_a_queued_seed_sweep_is_summarised_compared_applied_and_branched(project
     restore(project)
 
 
+def test_a_documented_sweep_compares_in_150_columns_and_the_run_kept_commits_clean(project, tmp_path):
+    """docs/experiments.md on a real one-param sweep, in a clone of the project with a DVC cache of its own, so that
+    the module's other experiments and run cache stay out: the documented `dvc exp show` shows each experiment's
+    accuracies and the swept param within 150 columns; the documented commit of the run kept leaves nothing for Git;
+    and after the documented push a fresh clone gets every output with `dvc pull` and reruns nothing."""
+    clone, storage, fresh = tmp_path / "clone", tmp_path / "storage", tmp_path / "fresh"
+    run(tmp_path, "git", "clone", "-q", str(project), str(clone))
+    dvc(clone, "remote", "add", "--local", "-d", "project", str(project / ".dvc/cache"))  # a cache is a remote's layout
+    dvc(clone, "pull")
+    dvc(clone, "exp", "run", "--queue", "-S", "train.max_lr=0.004,0.03")
+    dvc(clone, "queue", "start", "-j", "1")
+    assert "Failed" not in wait_for_queue(clone)
+    swept = {name: row for name, row in exp_rows(clone).items() if row["params"]["train"]["max_lr"] != "auto"}
+    assert sorted(row["params"]["train"]["max_lr"] for row in swept.values()) == [0.004, 0.03], swept
+
+    # As a terminal wide enough for the whole table shows it (dvc exp show reads COLUMNS).
+    env = dict(os.environ, COLUMNS="1000", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    words = exp_show_command()
+    table = run(clone, sys.executable, "-m", "dvc", *words[1:], "--no-pager", env=env).stdout
+    lines = [line.rstrip() for line in table.splitlines() if line.strip()]
+    width = max(len(line) for line in lines)
+    assert width <= 150, f"{width} characters wide:\n{table}"
+    # The accuracies and the max LR used, those of them that differ between rows (tiny runs may tie), then the param.
+    header = next(line for line in lines if "Experiment" in line).split()
+    assert header[:4] == ["Experiment", "State", "test_acc", "test_acc_flip_tta"], table
+    assert set(header[4:-1]) <= {"max_lr", "train.acc", "best.test_acc"} and header[-1] == "train.max_lr", table
+    for name, row in swept.items():
+        [line] = [line for line in lines if f"[{name}]" in line]
+        assert line.split()[-1] == str(row["params"]["train"]["max_lr"]), table
+
+    # Keep the better run: the documented commit and push.
+    kept = max(swept, key=lambda name: exp_rows(clone)[name]["metrics"]["test"]["acc"])
+    dvc(clone, "exp", "apply", kept)
+    run(clone, *documented("git add ", "docs/experiments.md"))
+    run(clone, *documented("git commit ", "docs/experiments.md"))
+    assert run(clone, "git", "status", "--porcelain").stdout == ""
+    dvc(clone, "remote", "add", "--local", "-d", "storage", str(storage))
+    dvc(clone, *documented("dvc push", "docs/experiments.md")[1:])
+    run(tmp_path, "git", "clone", "-q", str(clone), str(fresh))
+    dvc(fresh, "remote", "add", "--local", "-d", "storage", str(storage))
+    dvc(fresh, "pull")
+    assert stages_run(dvc(fresh, "repro").stdout) == []
+    assert (
+        yaml.safe_load((fresh / "params.yaml").read_text())["train"]["max_lr"]
+        == swept[kept]["params"]["train"]["max_lr"]
+    )
+    assert (fresh / "models/model.pt").read_bytes() == (clone / "models/model.pt").read_bytes()
+
+
 def test_push_and_pull_through_a_local_remote(project, tmp_path):
     dvc(project, "remote", "add", "-d", "local", str(tmp_path / "remote"))
     dvc(project, "push")
@@ -552,7 +589,7 @@ def test_an_experiment_from_another_clone_arrives_with_its_metrics_and_model(pro
     origin, storage = tmp_path / "origin.git", tmp_path / "dvc-storage"
     run(tmp_path, "git", "init", "-q", "--bare", "--initial-branch=main", str(origin))
     run(project, "git", "remote", "add", "shared", str(origin))
-    # --local: the remote stays out of the module project's commits; a real project commits it (README).
+    # --local: the remote stays out of the module project's commits; a real project commits it (docs/experiments.md).
     dvc(project, "remote", "add", "--local", "-d", "storage", str(storage))
     try:
         run(project, "git", "push", "-q", "shared", "HEAD:refs/heads/main")
@@ -584,9 +621,10 @@ def free_port() -> int:
 
 
 def test_one_run_on_two_processes_or_on_two_machines_trains_the_same_run(project, tmp_path):
-    """README, "More than one GPU, or more than one machine", on the CPU (gloo): `train.devices: 2` under `dvc exp
-    run`, then the two-machine recipe, with a clone in another folder as the second machine and one process on each.
-    Both are one run on two processes, with the same shares of the same batches: the same metrics to the last digit."""
+    """docs/scaling.md, "More than one GPU, or more than one machine", on the CPU (gloo): `train.devices: 2` under
+    `dvc exp run`, then the two-machine recipe, with a clone in another folder as the second machine and one process on
+    each. Both are one run on two processes, with the same shares of the same batches: the same metrics to the last
+    digit."""
     try:
         command = ("exp", "run", "-n", "two-processes", "-S", "train.devices=2")
         result = dvc(project, *command, check=False)
@@ -600,7 +638,7 @@ def test_one_run_on_two_processes_or_on_two_machines_trains_the_same_run(project
         restore(project)
 
         # Node 0: every stage before train (up to date here), then node 1: a clone at the same commit, given the train
-        # stage's inputs (the README's rsync).
+        # stage's inputs (docs/scaling.md's rsync).
         assert stages_run(dvc(project, "repro", "lr-find").stdout) == []
         node1 = tmp_path / "node1"
         run(tmp_path, "git", "clone", "-q", str(project), str(node1))
@@ -673,7 +711,9 @@ def test_the_spot_recipe_resumes_on_the_next_machine_and_pushes_the_experiment(p
     def machine(name: str) -> Path:
         clone = tmp_path / name
         run(tmp_path, "git", "clone", "-q", str(origin), str(clone))
-        dvc(clone, "remote", "add", "--local", "-d", "storage", str(storage))  # a real project commits it (README)
+        dvc(
+            clone, "remote", "add", "--local", "-d", "storage", str(storage)
+        )  # a real project commits it (docs/experiments.md)
         return clone
 
     a = machine("a")
@@ -713,17 +753,3 @@ def test_the_spot_recipe_resumes_on_the_next_machine_and_pushes_the_experiment(p
     row = exp_rows(c)["spot"]
     assert row["params"]["train"]["epochs"] == 4 and row["metrics"]["step"] == 4
     assert row["metrics"]["test"] == metrics(b)["test"]
-
-
-# Last in this module (pytest runs a module's tests in order): every command above has had its turn.
-def test_every_dvc_and_gto_command_the_readme_shows_ran_here(project):
-    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL))
-    shown = set()
-    for line in (line.split("#")[0].strip() for line in blocks.splitlines()):
-        if line.startswith(("dvc ", "gto ")):
-            words = [w for w in line.split()[:3] if not w.startswith(("-", "<"))]
-            shown.add(tuple(words))
-    assert shown
-    ran = {command[: len(words)] for command in COMMANDS_RUN for words in shown}
-    missing = sorted(" ".join(words) for words in shown if words not in ran)
-    assert not missing, f"the README shows commands that no end-to-end test ran: {missing}"

@@ -163,7 +163,7 @@ def test_a_relative_path_is_taken_from_the_project_root(tmp_path, pickle_archive
 
 
 def test_a_tilde_in_data_url_is_the_home_folder(tmp_path, pickle_archive, monkeypatch):
-    """As docs/own-data.md says to pass it: DVC's parser rejects a bare ~ in `-S`, takes it quoted, and writes it as is."""
+    """As docs/own-data.md says: DVC's parser rejects a bare ~ in `-S`, takes it quoted, and writes it as is."""
     from dvc.exceptions import InvalidArgumentError
     from dvc.utils.hydra import apply_overrides
 

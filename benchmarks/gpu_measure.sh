@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of benchmarks/RESULTS.md and of the README's results table, measured in one call that fits the
+# The GPU figures of benchmarks/RESULTS.md and of the README's and docs/results/'s results tables, measured in one call that fits the
 # device lease (15 minutes of device time in all, machine start included; at most 10 minutes a call):
 #
 #   benchmarks/gpu_measure.sh [--quick] ARCHIVE MD5 OUT_DIR

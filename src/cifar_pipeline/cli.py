@@ -1,5 +1,5 @@
-"""The commands installed with the package: `cifar-predict` and `cifar-export` (see README: Using the model), and
-`cifar-results` (README: Results with their spread).
+"""The commands installed with the package: `cifar-predict` and `cifar-export` (docs/using-the-model.md), and
+`cifar-results` (docs/experiments.md).
 
 Exit status of cifar-predict: 0 when every image got an answer; 1 when some inputs could not be read (each named on
 stderr in one line; the others are still answered); 2 when nothing could be done (bad checkpoint or arguments).

@@ -2,7 +2,7 @@
 
 `train.devices: N` (N > 1) makes the train stage start itself again under torchrun (`--standalone
 --nproc-per-node N`), so `dvc repro` and `dvc exp run` need no other command. A stage that torchrun started (several
-machines: README, "More than one GPU, or more than one machine") trains on the processes torchrun made.
+machines: docs/scaling.md) trains on the processes torchrun made.
 
 The run is the same as on one process, up to the order of float additions:
 - every process iterates sampling.py's global batches of train.batch_size images and takes a contiguous share of

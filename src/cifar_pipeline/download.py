@@ -90,7 +90,7 @@ def local_source(url: str, root: Path) -> Path | None:
     elif parsed.scheme and len(parsed.scheme) > 1:  # one letter is a Windows drive, not a scheme
         raise PipelineError(f"data.url = {url!r}: unsupported scheme; use an http(s):// or file:// URL, or a path")
     else:
-        # ~ too: a shell leaves it alone in `-S data.url=...`, and DVC's parser wants it quoted (README).
+        # ~ too: a shell leaves it alone in `-S data.url=...`, and DVC's parser wants it quoted (docs/own-data.md).
         path = Path(url).expanduser()
     return path if path.is_absolute() else root / path
 

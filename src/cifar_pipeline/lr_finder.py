@@ -127,7 +127,7 @@ def run_range_test(params: Params) -> dict[str, Any]:
 
     With lr_find.repeats > 1 the test runs that many times, each from a fresh model (seeds seed, seed + 1, ...) on
     batches of its own (the loader's next passes), and the curves are averaged step by step (mean_curve): one test's
-    pick moves several-fold with the seed (README: "The LR range test"). The first test is the single test's.
+    pick moves several-fold with the seed (docs/pipeline.md: the LR range test). The first test is the single test's.
     """
     start = prepare_training(params)
     runtime, splits, loader = start.runtime, start.splits, start.loader

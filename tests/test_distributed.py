@@ -308,8 +308,8 @@ def test_a_failing_process_ends_the_stage_with_its_message(tmp_path):
 
 
 def test_torchrun_with_another_process_count_than_train_devices_is_refused(tmp_path):
-    """Started by hand (several machines, docs/scaling.md), the processes on a machine must be train.devices: dvc.lock records
-    the params, so they must say how the run trained."""
+    """Started by hand (several machines, docs/scaling.md), the processes on a machine must be train.devices: dvc.lock
+    records the params, so they must say how the run trained."""
     root = make_project(tmp_path, DDP)  # train.devices: 1
     result = subprocess.run(
         [

@@ -158,33 +158,48 @@ def wait_for_queue(project: Path) -> str:
     return status
 
 
-def test_a_sweep_and_a_fresh_clone_restore_from_the_run_cache_what_their_params_do_not_touch(tmp_path):
-    """No dvc.lock committed (a fresh clone, or a queued experiment, which starts from the last commit): every stage
-    whose inputs an earlier run had is restored from DVC's run cache instead of run again."""
-    archive = tmp_path / "tiny-cifar.tar.gz"
+def test_a_sweep_restores_what_it_does_not_touch_compares_in_150_columns_and_the_kept_run_travels(tmp_path):
+    """docs/experiments.md on a real one-param sweep in a fresh project whose commit holds no dvc.lock (a fresh clone,
+    or a queued experiment, which starts from the last commit): every stage whose inputs an earlier run had is
+    restored (DVC's run cache, or the workspace's dvc.lock) instead of run again, here and in another clone that
+    shares only a DVC remote; the documented `dvc exp show` shows each experiment's accuracies and the swept param
+    within 150 columns; the documented commit of the run kept leaves nothing for Git, and after the documented push a
+    fresh clone gets every output with `dvc pull` and reruns nothing."""
+    archive, storage = tmp_path / "tiny-cifar.tar.gz", tmp_path / "storage"
     learnable_archive(archive)
     a = make_project(tmp_path / "a", archive)  # its commit holds no dvc.lock
     assert stages_run(dvc(a, "repro").stdout) == STAGES
     saved = ["compute_mean_std", "download", "lr_find", "report", "train"]  # check-params runs in a second
     assert run_cache_stages(a) == saved
 
-    dvc(a, "exp", "run", "--queue", "-S", "train.max_lr=0.01,0.02")
+    dvc(a, "exp", "run", "--queue", "-S", "train.max_lr=0.004,0.03")
     dvc(a, "queue", "start", "-j", "1")
     assert "Failed" not in wait_for_queue(a)
-    names = [exp["name"] for commit in json.loads(dvc(a, "exp", "show", "--json").stdout)
-             for branch in commit.get("experiments") or [] for exp in branch["revs"]]  # fmt: skip
-    assert len(names) == 2, names
-    for name in names:
+    swept = {name: row for name, row in exp_rows(a).items() if row["params"]["train"]["max_lr"] != "auto"}
+    assert sorted(row["params"]["train"]["max_lr"] for row in swept.values()) == [0.004, 0.03], swept
+    for name in swept:
         log = dvc(a, "queue", "logs", name).stdout
         assert stages_run(log) == ["check-params", "train", "report"], log
-        for stage in ("download", "compute-mean-std", "lr-find"):  # from the workspace's dvc.lock or the run cache
+        for stage in ("download", "compute-mean-std", "lr-find"):
             assert re.search(f"Stage '{stage}' (didn't change, skipping|is cached - skipping run)", log), log
     assert run_cache_stages(a) == sorted(saved + ["report", "report", "train", "train"])
 
-    # Another machine: a clone that shares only the Git history and a DVC remote, run cache included.
-    storage = tmp_path / "storage"
+    # As a terminal wide enough for the whole table shows it (dvc exp show reads COLUMNS).
+    env = dict(os.environ, COLUMNS="1000", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    table = run(a, sys.executable, "-m", "dvc", *exp_show_command()[1:], "--no-pager", env=env).stdout
+    lines = [line.rstrip() for line in table.splitlines() if line.strip()]
+    assert max(len(line) for line in lines) <= 150, table
+    # The accuracies and the max LR used, those of them that differ between rows (tiny runs may tie), then the param.
+    header = next(line for line in lines if "Experiment" in line).split()
+    assert header[:4] == ["Experiment", "State", "test_acc", "test_acc_flip_tta"], table
+    assert set(header[4:-1]) <= {"max_lr", "train.acc", "best.test_acc"} and header[-1] == "train.max_lr", table
+    for name, row in swept.items():
+        [line] = [line for line in lines if f"[{name}]" in line]
+        assert line.split()[-1] == str(row["params"]["train"]["max_lr"]), table
+
+    # Another machine: a clone of the commit without dvc.lock that shares only a DVC remote, run cache included.
     dvc(a, "remote", "add", "--local", "-d", "storage", str(storage))
-    dvc(a, "push", "--run-cache")
+    dvc(a, *documented("dvc push", "docs/experiments.md")[1:])
     b = tmp_path / "b"
     run(tmp_path, "git", "clone", "-q", str(a), str(b))
     dvc(b, "remote", "add", "--local", "-d", "storage", str(storage))
@@ -195,6 +210,24 @@ def test_a_sweep_and_a_fresh_clone_restore_from_the_run_cache_what_their_params_
         assert f"Stage '{stage}' is cached - skipping run" in result.stdout
     for output in ("models/model.pt", "reports/per_class.json", "reports/lr_find.json", "data/stats.json"):
         assert (b / output).read_bytes() == (a / output).read_bytes(), output
+
+    # Keep the better run: the documented commit and push; a fresh clone gets it whole.
+    kept = max(swept, key=lambda name: exp_rows(a)[name]["metrics"]["test"]["acc"])
+    dvc(a, "exp", "apply", kept)
+    run(a, *documented("git add ", "docs/experiments.md"))
+    run(a, *documented("git commit ", "docs/experiments.md"))
+    assert run(a, "git", "status", "--porcelain").stdout == ""
+    dvc(a, *documented("dvc push", "docs/experiments.md")[1:])
+    fresh = tmp_path / "fresh"
+    run(tmp_path, "git", "clone", "-q", str(a), str(fresh))
+    dvc(fresh, "remote", "add", "--local", "-d", "storage", str(storage))
+    dvc(fresh, "pull")
+    assert stages_run(dvc(fresh, "repro").stdout) == []
+    assert (
+        yaml.safe_load((fresh / "params.yaml").read_text())["train"]["max_lr"]
+        == swept[kept]["params"]["train"]["max_lr"]
+    )
+    assert (fresh / "models/model.pt").read_bytes() == (a / "models/model.pt").read_bytes()
 
 
 def test_dag_has_the_six_stages_in_order_and_checks_params_first(project):
@@ -519,55 +552,6 @@ def test_a_queued_seed_sweep_is_summarised_compared_applied_and_branched(project
     shown = run(project, "git", "show", "seed-1:params.yaml").stdout
     assert yaml.safe_load(shown)["seed"] == 1
     restore(project)
-
-
-def test_a_documented_sweep_compares_in_150_columns_and_the_run_kept_commits_clean(project, tmp_path):
-    """docs/experiments.md on a real one-param sweep, in a clone of the project with a DVC cache of its own, so that
-    the module's other experiments and run cache stay out: the documented `dvc exp show` shows each experiment's
-    accuracies and the swept param within 150 columns; the documented commit of the run kept leaves nothing for Git;
-    and after the documented push a fresh clone gets every output with `dvc pull` and reruns nothing."""
-    clone, storage, fresh = tmp_path / "clone", tmp_path / "storage", tmp_path / "fresh"
-    run(tmp_path, "git", "clone", "-q", str(project), str(clone))
-    dvc(clone, "remote", "add", "--local", "-d", "project", str(project / ".dvc/cache"))  # a cache is a remote's layout
-    dvc(clone, "pull")
-    dvc(clone, "exp", "run", "--queue", "-S", "train.max_lr=0.004,0.03")
-    dvc(clone, "queue", "start", "-j", "1")
-    assert "Failed" not in wait_for_queue(clone)
-    swept = {name: row for name, row in exp_rows(clone).items() if row["params"]["train"]["max_lr"] != "auto"}
-    assert sorted(row["params"]["train"]["max_lr"] for row in swept.values()) == [0.004, 0.03], swept
-
-    # As a terminal wide enough for the whole table shows it (dvc exp show reads COLUMNS).
-    env = dict(os.environ, COLUMNS="1000", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    words = exp_show_command()
-    table = run(clone, sys.executable, "-m", "dvc", *words[1:], "--no-pager", env=env).stdout
-    lines = [line.rstrip() for line in table.splitlines() if line.strip()]
-    width = max(len(line) for line in lines)
-    assert width <= 150, f"{width} characters wide:\n{table}"
-    # The accuracies and the max LR used, those of them that differ between rows (tiny runs may tie), then the param.
-    header = next(line for line in lines if "Experiment" in line).split()
-    assert header[:4] == ["Experiment", "State", "test_acc", "test_acc_flip_tta"], table
-    assert set(header[4:-1]) <= {"max_lr", "train.acc", "best.test_acc"} and header[-1] == "train.max_lr", table
-    for name, row in swept.items():
-        [line] = [line for line in lines if f"[{name}]" in line]
-        assert line.split()[-1] == str(row["params"]["train"]["max_lr"]), table
-
-    # Keep the better run: the documented commit and push.
-    kept = max(swept, key=lambda name: exp_rows(clone)[name]["metrics"]["test"]["acc"])
-    dvc(clone, "exp", "apply", kept)
-    run(clone, *documented("git add ", "docs/experiments.md"))
-    run(clone, *documented("git commit ", "docs/experiments.md"))
-    assert run(clone, "git", "status", "--porcelain").stdout == ""
-    dvc(clone, "remote", "add", "--local", "-d", "storage", str(storage))
-    dvc(clone, *documented("dvc push", "docs/experiments.md")[1:])
-    run(tmp_path, "git", "clone", "-q", str(clone), str(fresh))
-    dvc(fresh, "remote", "add", "--local", "-d", "storage", str(storage))
-    dvc(fresh, "pull")
-    assert stages_run(dvc(fresh, "repro").stdout) == []
-    assert (
-        yaml.safe_load((fresh / "params.yaml").read_text())["train"]["max_lr"]
-        == swept[kept]["params"]["train"]["max_lr"]
-    )
-    assert (fresh / "models/model.pt").read_bytes() == (clone / "models/model.pt").read_bytes()
 
 
 def test_push_and_pull_through_a_local_remote(project, tmp_path):

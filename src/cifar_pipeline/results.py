@@ -23,8 +23,8 @@ from cifar_pipeline import paths
 from cifar_pipeline.choices import CIFAR10_CLASSES
 from cifar_pipeline.errors import PipelineError
 
-# The CIFAR-10 accuracy each model is meant to reach in 24 epochs (the project's targets, README). It applies to runs on CIFAR-10
-# only (known by their classes); --target sets one for every group.
+# The CIFAR-10 accuracy each model is meant to reach in 24 epochs (the project's targets, README). It applies to runs
+# on CIFAR-10 only (known by their classes); --target sets one for every group.
 TARGETS = {"custom_resnet": 90.0, "dilated_net": 85.0}
 DEFAULT_IGNORED = ("seed",)
 REPORT_METRICS = str(paths.REPORTS / "per_class.json")

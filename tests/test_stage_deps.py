@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from cifar_pipeline.resume import NOT_CODE_DEPS, imported_package_files
+from cifar_pipeline.resume import NOT_CODE_DEPS, imported_package_files, module_file
 
 PACKAGE = "cifar_pipeline"
 SOURCE = ROOT / "src"
@@ -42,18 +42,13 @@ def test_stage_deps_list_exactly_the_package_files_it_imports(stage):
     assert not unused, f"{stage} lists {unused} in dvc.yaml but does not import them"
 
 
-def module_file(module: str) -> Path | None:
-    path = SOURCE.joinpath(*module.split("."))
-    return next((c for c in (path.with_suffix(".py"), path / "__init__.py") if c.is_file()), None)
-
-
 def all_imports(path: Path) -> set[Path]:
     """Every package file `path` imports anywhere: at module level, inside functions, under TYPE_CHECKING."""
     files = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == PACKAGE:
             names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-            files |= {file for file in (module_file(name) for name in names) if file is not None}
+            files |= {file for file in (module_file(name, SOURCE / PACKAGE) for name in names) if file is not None}
     return files - {path}
 
 

@@ -367,10 +367,9 @@ def load_params(path: str | Path = paths.PARAMS) -> Params:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from None
     try:
         return parse_params(raw, source=str(path))
-    except ParamsError as exc:
-        # Only now ask Git (a subprocess) for the committed values the advice gives.
+    except ParamsError:
+        # Only now ask Git (a subprocess) for the committed values the advice gives; the second parse raises again.
         committed = committed_params(path)
         if committed is None:
             raise
-        parse_params(raw, source=str(path), committed=committed)
-        raise exc from None
+        return parse_params(raw, source=str(path), committed=committed)

@@ -31,11 +31,10 @@ RESUME = Path(".resume/train.pt")
 # The best epoch's model while the run is under way, beside the resume state: DVC owns models/ and may delete or
 # restore models/best.pt before a rerun (`dvc exp run` checks out the last recorded one), but never touches .resume/.
 RESUME_BEST = Path(".resume/best.pt")
-LIVE_DIR = Path(
-    "reports/train"
-)  # DVCLive: metrics.json, params.yaml, plots/metrics/**.tsv, plots/custom/lr_schedule.json
+# DVCLive: metrics.json, params.yaml (what the run used: runtime.Runtime.record), plots/metrics/**.tsv,
+# plots/custom/lr_schedule.json
+LIVE_DIR = Path("reports/train")
 TRAIN_METRICS = LIVE_DIR / "metrics.json"
-TRAIN_RECORD = LIVE_DIR / "params.yaml"  # DVCLive's params: what the run used (runtime.Runtime.record)
 TRAIN_SAMPLES = Path("reports/train_samples.png")
 AUGMENTATIONS = Path("reports/augmentations.yaml")
 

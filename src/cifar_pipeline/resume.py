@@ -26,7 +26,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 NOT_CODE_DEPS = ("__init__.py", "errors.py", "atomic.py")
 
 
-def _module_file(module: str, package_dir: Path) -> Path | None:
+def module_file(module: str, package_dir: Path) -> Path | None:
+    """The file of the package's `module` (dotted, from the package's name on), or None."""
     path = package_dir.joinpath(*module.split(".")[1:])  # cifar_pipeline.models.x -> package_dir/models/x
     for candidate in (path.with_suffix(".py"), path / "__init__.py"):
         if candidate.is_file():
@@ -50,7 +51,7 @@ def imported_package_files(script: str | Path, package_dir: str | Path = PACKAGE
                 names = [alias.name for alias in node.names if alias.name.split(".")[0] == package]
             else:
                 continue
-            for file in filter(None, (_module_file(name, package_dir) for name in names)):
+            for file in filter(None, (module_file(name, package_dir) for name in names)):
                 for loaded in (file, file.parent / "__init__.py"):
                     if loaded not in seen and loaded.is_file():
                         seen.add(loaded)

@@ -6,6 +6,7 @@ touches.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import random
@@ -109,6 +110,7 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+@functools.cache  # every checkpoint records it; the hardware does not change during a run
 def device_name(device: torch.device) -> str:
     """The hardware by name: the GPU's, or the CPU's with its core count and bf16 hardware."""
     if device.type == "cuda":

@@ -45,9 +45,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
-from cifar_pipeline.atomic import write_json
-from cifar_pipeline.augment import train_transforms
-from cifar_pipeline.engine import (
+from cifar_pipeline.models import build_model
+from cifar_pipeline.params import Params, load_params
+from cifar_pipeline.report.report import STAGE_TIMES
+from cifar_pipeline.stage import write_json
+from cifar_pipeline.training.engine import (
     evaluate,
     make_optimizer,
     make_scaler,
@@ -56,12 +58,14 @@ from cifar_pipeline.engine import (
     train_epoch,
     train_step,
 )
-from cifar_pipeline.loaders import make_eval_loader, make_train_loader
-from cifar_pipeline.models import build_model
-from cifar_pipeline.params import Params, load_params
-from cifar_pipeline.report import STAGE_TIMES
-from cifar_pipeline.runtime import Runtime, cpu_has_native_bf16, make_runtime, resolve_backend, resolve_num_workers
-from cifar_pipeline.sampling import set_epoch
+from cifar_pipeline.training.loader import make_eval_loader, make_train_loader, set_epoch, train_transforms
+from cifar_pipeline.training.runtime import (
+    Runtime,
+    cpu_has_native_bf16,
+    make_runtime,
+    resolve_backend,
+    resolve_num_workers,
+)
 
 # CIFAR-10 train statistics; the exact values do not change the cost.
 MEAN = (0.4914, 0.4822, 0.4465)

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cifar_pipeline.checkpoint import make_checkpoint, save_plain
-from cifar_pipeline.checkpoint_writer import CheckpointWriter
-from cifar_pipeline.engine import make_optimizer, make_scaler, make_scheduler, train_step
 from cifar_pipeline.models import build_model
-from cifar_pipeline.runtime import Runtime
+from cifar_pipeline.models.checkpoint import make_checkpoint, save_plain
+from cifar_pipeline.training.engine import make_optimizer, make_scaler, make_scheduler, train_step
+from cifar_pipeline.training.resume import CheckpointWriter
+from cifar_pipeline.training.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"), None, True)
 

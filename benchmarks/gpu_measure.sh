@@ -67,7 +67,7 @@ export PYTHONPATH=$work/src${PYTHONPATH:+:$PYTHONPATH}
 
 # Every import a stage or benchmark needs, before any run: a missing wheel fails here, not minutes in.
 if ! python -c 'import albumentations, cv2, dvclive, matplotlib, numpy, PIL, pydantic, torch, torchinfo, tqdm, yaml
-import cifar_pipeline.report, cifar_pipeline.training, cifar_pipeline.lr_finder, cifar_pipeline.download' ||
+import cifar_pipeline.report.report, cifar_pipeline.training.train, cifar_pipeline.training.lr_find, cifar_pipeline.data.download' ||
     ! dvc --version >/dev/null; then
     echo "=== import check failed: nothing was run (WHEELS=$(realpath "${WHEELS:-.}"))" >&2
     exit 3

@@ -24,10 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cifar_pipeline.loaders import make_train_loader
 from cifar_pipeline.params import load_params
-from cifar_pipeline.runtime import pick_device, resolve_num_workers
-from cifar_pipeline.sampling import set_epoch
+from cifar_pipeline.training.loader import make_train_loader, set_epoch
+from cifar_pipeline.training.runtime import pick_device, resolve_num_workers
 
 # CIFAR-10 train statistics; the exact values do not change the cost.
 MEAN = (0.4914, 0.4822, 0.4465)

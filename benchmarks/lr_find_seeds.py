@@ -5,9 +5,9 @@
     python benchmarks/lr_find_seeds.py summary dilated_net          # the tables of docs/results/lr_find_seeds.md
 
 `run` goes from the project root after `dvc repro compute-mean-std` (it reads data/ and params.yaml as the lr-find
-stage does) and runs the stage's own test (lr_finder.run_range_test, one test each) with params.yaml as it is but
+stage does) and runs the stage's own test (lr_find.run_range_test, one test each) with params.yaml as it is but
 `model.name` and `seed`. `summary` reads the stored curves only: each rule's pick on each curve, then the
-descent_end pick on the mean of every group of k curves (lr_finder.mean_curve, what lr_find.repeats: k computes),
+descent_end pick on the mean of every group of k curves (lr_find.mean_curve, what lr_find.repeats: k computes),
 with the spread of the picks.
 """
 
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar_pipeline import lr_finder
-from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.params import LrFindParams, load_params, parse_params
+from cifar_pipeline.stage import PipelineError
+from cifar_pipeline.training import lr_find
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 GROUPS = (1, 2, 3, 5)
@@ -44,7 +44,7 @@ def run(model: str, seeds: list[int]) -> None:
     for seed in seeds:
         params = parse_params({**base, "seed": seed, "model": {**base["model"], "name": model}})
         start = time.perf_counter()
-        result = lr_finder.run_range_test(params)
+        result = lr_find.run_range_test(params)
         seconds = time.perf_counter() - start
         stored["tests"] = [t for t in stored["tests"] if t["seed"] != seed] + [
             {"seed": seed, "source": "benchmarks/lr_find_seeds.py run", "wall_time_s": round(seconds, 1), **result}
@@ -56,7 +56,7 @@ def run(model: str, seeds: list[int]) -> None:
 
 def pick(result: dict, rule: str) -> float | None:
     try:
-        return lr_finder.suggest_lr(result, LrFindParams(rule=rule))
+        return lr_find.suggest_lr(result, LrFindParams(rule=rule))
     except PipelineError:
         return None
 
@@ -80,11 +80,11 @@ def spread(picks: list[float], band: tuple[float, float]) -> dict:
 
 def summarise(model: str) -> dict:
     tests = json.loads(curves_path(model).read_text())["tests"]
-    per_seed = {t["seed"]: {rule: pick(t, rule) for rule in lr_finder.RULES} for t in tests}
+    per_seed = {t["seed"]: {rule: pick(t, rule) for rule in lr_find.RULES} for t in tests}
     smooth = LrFindParams().smooth
     groups = {
         k: spread(
-            [pick(lr_finder.mean_curve(list(g), smooth), "descent_end") for g in itertools.combinations(tests, k)],
+            [pick(lr_find.mean_curve(list(g), smooth), "descent_end") for g in itertools.combinations(tests, k)],
             GOOD_BANDS[model],
         )
         for k in GROUPS
@@ -94,7 +94,7 @@ def summarise(model: str) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    rules, band = list(lr_finder.RULES), GOOD_BANDS[summary["model"]]
+    rules, band = list(lr_find.RULES), GOOD_BANDS[summary["model"]]
     lines = ["| seed | " + " | ".join(f"`{r}`" for r in rules) + " |", "|---:|" + "---:|" * len(rules)]
     for seed, picks in summary["per_seed"].items():
         lines.append(f"| {seed} | " + " | ".join("-" if picks[r] is None else f"{picks[r]:.3g}" for r in rules) + " |")

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from cifar_pipeline.engine import make_optimizer, make_scaler, new_model, train_step
 from cifar_pipeline.params import load_params
-from cifar_pipeline.runtime import make_runtime
+from cifar_pipeline.training.engine import make_optimizer, make_scaler, new_model, train_step
+from cifar_pipeline.training.runtime import make_runtime
 
 CONV_OPS = ("aten::convolution", "aten::convolution_backward")
 

@@ -8,9 +8,8 @@ rerun it. The output is the same for any valid params.yaml, so a valid change re
 import _venv  # noqa: F401  (first: reruns the stage with .venv's python where `python` lacks the package)
 
 from cifar_pipeline import paths
-from cifar_pipeline.atomic import write_json
-from cifar_pipeline.errors import run_stage
 from cifar_pipeline.params import load_params
+from cifar_pipeline.stage import run_stage, write_json
 
 
 def main() -> None:

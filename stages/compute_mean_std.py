@@ -3,9 +3,9 @@
 import _venv  # noqa: F401  (first: reruns the stage with .venv's python where `python` lacks the package)
 
 from cifar_pipeline import paths
-from cifar_pipeline.errors import run_stage
+from cifar_pipeline.data.dataset import compute_stats
 from cifar_pipeline.params import load_params
-from cifar_pipeline.stats import compute_stats
+from cifar_pipeline.stage import run_stage
 
 
 def main() -> None:

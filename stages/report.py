@@ -2,9 +2,9 @@
 
 import _venv  # noqa: F401  (first: reruns the stage with .venv's python where `python` lacks the package)
 
-from cifar_pipeline.errors import run_stage
 from cifar_pipeline.params import load_params
-from cifar_pipeline.report import run_report
+from cifar_pipeline.report.report import run_report
+from cifar_pipeline.stage import run_stage
 
 
 def main() -> None:

@@ -1,15 +1,15 @@
 """train stage: One Cycle training -> models/{model,best}.pt, DVCLive logs in reports/train, sample images.
 
 Interrupted (killed, out of time)? Run it again with the same params: it resumes after the last completed epoch.
-train.devices > 1: the stage starts itself again on that many processes under torchrun (distributed.py).
+train.devices > 1: the stage starts itself again on that many processes under torchrun (training/runtime.py).
 """
 
 import _venv  # noqa: F401  (first: reruns the stage with .venv's python where `python` lacks the package)
 
-from cifar_pipeline.distributed import launch, under_torchrun
-from cifar_pipeline.errors import run_stage
 from cifar_pipeline.params import load_params
-from cifar_pipeline.training import train
+from cifar_pipeline.stage import run_stage
+from cifar_pipeline.training.runtime import launch, under_torchrun
+from cifar_pipeline.training.train import train
 
 
 def main() -> None:

@@ -68,7 +68,7 @@ def tiny_model(tmp_path_factory):
 
 def save_model(path, model, model_name: str, model_kwargs: dict, **extra) -> None:
     """A checkpoint as the train stage writes it (its weights, name and arguments, and `extra`)."""
-    from cifar_pipeline.checkpoint import make_checkpoint, model_state, save_plain
+    from cifar_pipeline.models.checkpoint import make_checkpoint, model_state, save_plain
 
     save_plain(path, make_checkpoint(model_state(model), model_name, model_kwargs, **extra))
 
@@ -96,7 +96,7 @@ def epoch_batches(loader, epoch: int):
     """(images, labels) of one whole epoch of `loader`, concatenated, after set_epoch as the training loop calls it."""
     import torch
 
-    from cifar_pipeline.sampling import set_epoch
+    from cifar_pipeline.training.loader import set_epoch
 
     set_epoch(loader, epoch)
     batches = list(loader)

@@ -9,9 +9,9 @@ import pytest
 import yaml
 from conftest import MEAN, STD, random_images
 
-from cifar_pipeline.augment import save_augmentation_record, train_transforms
-from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.params import AugmentParams
+from cifar_pipeline.stage import PipelineError
+from cifar_pipeline.training.loader import save_augmentation_record, train_transforms
 
 ONLY_DROPOUT = AugmentParams(hflip_p=0.0, shift_scale_rotate_p=0.0, coarse_dropout_p=1.0)
 
@@ -76,7 +76,7 @@ def test_the_record_says_what_ran_and_reloads_to_a_pipeline_with_identical_outpu
     assert [p.name for p in path.parent.iterdir()] == ["augmentations.yaml"]  # no temporary left behind
     record = yaml.safe_load(path.read_text())
     assert record["backend"] == backend
-    assert ("batched_augment.py" in record["implementation"]) == (backend == "gpu")
+    assert ("augment_batch" in record["implementation"]) == (backend == "gpu")
     # The seed's pipeline ends with Normalize: here it runs on the device, and the record shows it with its numbers.
     assert record["normalize"] == {
         "mean": list(MEAN),

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import save_model
 
-from cifar_pipeline.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint
-from cifar_pipeline.errors import MissingInputError, PipelineError
 from cifar_pipeline.models import build_model
+from cifar_pipeline.models.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint
+from cifar_pipeline.stage import MissingInputError, PipelineError
 
 KWARGS = {"dropout": 0.1, "downsample": "stride"}
 

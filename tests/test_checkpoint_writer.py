@@ -6,8 +6,8 @@ import threading
 import pytest
 import torch
 
-from cifar_pipeline import checkpoint_writer
-from cifar_pipeline.checkpoint_writer import CheckpointWriter, copy_into
+from cifar_pipeline.training import resume
+from cifar_pipeline.training.resume import CheckpointWriter, copy_into
 
 
 def test_a_snapshot_is_a_copy_kept_in_the_same_buffers_every_time():
@@ -39,14 +39,14 @@ def test_copy_into_allocates_where_a_buffer_does_not_fit():
 def test_files_are_written_in_order_on_another_thread(tmp_path, monkeypatch):
     release = threading.Event()
     written: list[tuple[str, str]] = []
-    save = checkpoint_writer.save_plain
+    save = resume.save_plain
 
     def slow_save(path, obj):
         release.wait(timeout=30)
         written.append((path.name, threading.current_thread().name))
         save(path, obj)
 
-    monkeypatch.setattr(checkpoint_writer, "save_plain", slow_save)
+    monkeypatch.setattr(resume, "save_plain", slow_save)
     writer = CheckpointWriter()
     try:
         writer.write([(tmp_path / "best.pt", {"epoch": 1}), (tmp_path / "train.pt", {"epoch": 1})])

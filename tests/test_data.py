@@ -12,12 +12,11 @@ import torch
 from conftest import MEAN, epoch_batches, load_benchmark, random_images
 from matplotlib.figure import Figure
 
-from cifar_pipeline.augment import train_transforms
-from cifar_pipeline.errors import PipelineError
-from cifar_pipeline.loaders import CifarDataset, make_loader
+from cifar_pipeline.data.dataset import image_grid
 from cifar_pipeline.params import AugmentParams
-from cifar_pipeline.plots import image_grid, save_train_samples
-from cifar_pipeline.runtime import resolve_num_workers
+from cifar_pipeline.stage import PipelineError
+from cifar_pipeline.training.loader import CifarDataset, make_loader, save_train_samples, train_transforms
+from cifar_pipeline.training.runtime import resolve_num_workers
 
 # Affine always on: its continuous parameters make two different random draws visibly different images.
 ALWAYS = AugmentParams(shift_scale_rotate_p=1.0)

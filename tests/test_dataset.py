@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from archives import CLASSES, make_pickle_archive
 
-from cifar_pipeline import download as download_module
 from cifar_pipeline import paths
-from cifar_pipeline.download import download
-from cifar_pipeline.errors import MissingInputError, PipelineError
+from cifar_pipeline.data import download as download_module
+from cifar_pipeline.data.dataset import balanced_subset, load_split, load_splits, read_classes
+from cifar_pipeline.data.download import download
 from cifar_pipeline.params import DataParams
-from cifar_pipeline.splits import balanced_subset, load_split, load_splits, read_classes
+from cifar_pipeline.stage import MissingInputError, PipelineError
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Data-parallel training (distributed.py) on the CPU with gloo: N processes train the run of one process.
+"""Data-parallel training (training/runtime.py) on the CPU with gloo: N processes train the run of one process.
 
 The stage runs use test_train_stage's small project (dilated_net, 40 training images, batches of 20) with
 train.devices: 2, so the train stage starts itself under torchrun, as `dvc repro` runs it.
@@ -24,11 +24,10 @@ from test_train_stage import PARAMS, STAGES, kill_after_a_saved_epoch, make_proj
 from test_training import TIMING, assert_same_outputs, colour_images, outputs, read_tsv
 from torch import nn
 
-from cifar_pipeline.distributed import GlobalBatchNorm, finish, report_crashes, sync_batchnorm, wrap
-from cifar_pipeline.loaders import make_train_loader
 from cifar_pipeline.models import build_model
 from cifar_pipeline.params import AugmentParams
-from cifar_pipeline.sampling import batch_sampler, set_epoch, share
+from cifar_pipeline.training.loader import batch_sampler, make_train_loader, set_epoch, share
+from cifar_pipeline.training.runtime import GlobalBatchNorm, finish, report_crashes, sync_batchnorm, wrap
 
 pytestmark = pytest.mark.slow  # processes: make test-fast skips it
 
@@ -151,7 +150,7 @@ def test_a_step_on_several_processes_has_the_gradient_of_one(tmp_path, capfd):
 
 def test_a_training_process_that_aborts_in_cpp_prints_where_it_was_in_python():
     code = (
-        "import os\nfrom cifar_pipeline.distributed import report_crashes\n"
+        "import os\nfrom cifar_pipeline.training.runtime import report_crashes\n"
         "def all_reduce_of_the_step():\n    os.abort()  # what std::terminate does\n"
         "report_crashes()\nall_reduce_of_the_step()\n"
     )

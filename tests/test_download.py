@@ -32,12 +32,11 @@ from archives import (
 )
 from conftest import ROOT
 
-from cifar_pipeline.download import download, download_url, load_pickle
-from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.data.dataset import compute_stats, load_split
+from cifar_pipeline.data.download import download, download_url, load_pickle
 from cifar_pipeline.params import DataParams
-from cifar_pipeline.predict import read_image
-from cifar_pipeline.splits import load_split
-from cifar_pipeline.stats import compute_stats
+from cifar_pipeline.stage import PipelineError
+from cifar_pipeline.use.predict import read_image
 
 SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 SHARED_MD5 = "61471a7f964ebfeacc418be171470386"

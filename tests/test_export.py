@@ -10,10 +10,9 @@ from archives import CLASSES
 from conftest import save_model
 from tiny_model import MEAN, STD, colour_images
 
-from cifar_pipeline.classifier import load_classifier
-from cifar_pipeline.cli import export_main
-from cifar_pipeline.inference import batch_logits
 from cifar_pipeline.models import build_model
+from cifar_pipeline.models.checkpoint import batch_logits, load_classifier
+from cifar_pipeline.use.cli import export_main
 
 pytestmark = pytest.mark.slow  # subprocesses or large models: make test-fast skips it
 

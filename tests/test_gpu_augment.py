@@ -12,14 +12,22 @@ import torch
 from albumentations.augmentations.geometric import functional as fgeometric
 from conftest import MEAN, STD, epoch_batches
 
-from cifar_pipeline.augment import train_transforms
-from cifar_pipeline.batched_augment import DeviceDataset, DeviceLoader, Draw, affine_theta, augment_batch
-from cifar_pipeline.engine import evaluate, make_optimizer, make_scaler, make_scheduler, train_epoch
-from cifar_pipeline.loaders import CifarDataset, make_eval_loader, make_train_loader
 from cifar_pipeline.models import build_model
 from cifar_pipeline.params import AugmentParams
-from cifar_pipeline.runtime import Runtime
-from cifar_pipeline.sampling import set_epoch
+from cifar_pipeline.training.engine import evaluate, make_optimizer, make_scaler, make_scheduler, train_epoch
+from cifar_pipeline.training.loader import (
+    CifarDataset,
+    DeviceDataset,
+    DeviceLoader,
+    Draw,
+    affine_theta,
+    augment_batch,
+    make_eval_loader,
+    make_train_loader,
+    set_epoch,
+    train_transforms,
+)
+from cifar_pipeline.training.runtime import Runtime
 
 NOTHING = AugmentParams(hflip_p=0.0, shift_scale_rotate_p=0.0, coarse_dropout_p=0.0)
 SAMPLES = 2000  # per path: frequencies to about +-0.01 (one standard error)

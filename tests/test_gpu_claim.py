@@ -1,4 +1,4 @@
-"""GPU claims for concurrent runs (gpu_claim.py): real processes, a faked GPU count (no GPU needed)."""
+"""GPU claims for concurrent runs (training/runtime.py): real processes, a faked GPU count (no GPU needed)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar_pipeline import gpu_claim, runtime
 from cifar_pipeline.params import TrainParams
+from cifar_pipeline.training import runtime
 
-pytestmark = pytest.mark.skipif(gpu_claim.fcntl is None, reason="flock is POSIX-only")
+pytestmark = pytest.mark.skipif(runtime.fcntl is None, reason="flock is POSIX-only")
 
 # A training process as far as the claim goes: claim one of 2 GPUs, then hold it until told to stop.
 HOLDER = """
 import sys, time
 from pathlib import Path
-from cifar_pipeline.gpu_claim import claim_gpu
+from cifar_pipeline.training.runtime import claim_gpu
 folder = Path(sys.argv[1])
 index = claim_gpu(2, folder=folder, poll_s=0.05, say=lambda m: print(m, flush=True))
 print(f"index {index}", flush=True)
@@ -62,16 +62,16 @@ def test_concurrent_runs_take_distinct_gpus_and_the_next_waits_for_one_to_free(t
 
 def test_gpu_ids_follow_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    assert gpu_claim.gpu_ids(2) == ["3", "5"]
+    assert runtime.gpu_ids(2) == ["3", "5"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert gpu_claim.gpu_ids(3) == ["0", "1", "2"]
+    assert runtime.gpu_ids(3) == ["0", "1", "2"]
 
 
 @pytest.fixture
 def fake_gpus(monkeypatch, tmp_path):
     """torch sees two GPUs (none is touched): what make_runtime needs to pick one."""
-    monkeypatch.setattr(gpu_claim, "_claim", {})
-    monkeypatch.setenv(gpu_claim.LOCK_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(runtime, "_claim", {})
+    monkeypatch.setenv(runtime.LOCK_DIR_ENV, str(tmp_path))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -83,7 +83,7 @@ def fake_gpus(monkeypatch, tmp_path):
 
 def test_device_auto_trains_on_the_gpu_it_claimed_and_cuda_claims_nothing(fake_gpus, tmp_path, capsys):
     held = os.open(tmp_path / "gpu-0.lock", os.O_RDWR | os.O_CREAT)
-    gpu_claim.fcntl.flock(held, gpu_claim.fcntl.LOCK_EX)  # another run holds GPU 0
+    runtime.fcntl.flock(held, runtime.fcntl.LOCK_EX)  # another run holds GPU 0
     try:
         chosen = runtime.make_runtime(TrainParams(device="auto"))
         assert chosen.device == torch.device("cuda", 1) and fake_gpus == [torch.device("cuda", 1)]

@@ -4,10 +4,9 @@ import numpy as np
 import torch
 from conftest import MEAN, STD, epoch_batches, random_images
 
-from cifar_pipeline.batched_augment import DeviceLoader
-from cifar_pipeline.loaders import DeviceBatches, make_eval_loader, make_train_loader
 from cifar_pipeline.params import AugmentParams, TrainParams
-from cifar_pipeline.runtime import make_runtime, pick_device, resolve_backend
+from cifar_pipeline.training.loader import DeviceBatches, DeviceLoader, make_eval_loader, make_train_loader
+from cifar_pipeline.training.runtime import make_runtime, pick_device, resolve_backend
 
 CPU = torch.device("cpu")
 

@@ -12,11 +12,11 @@ from conftest import ROOT, dvc_plot_values
 from test_train_stage import PARAMS, make_project, run_stage, set_params
 from test_training import CPU, loader, tiny_model
 
-from cifar_pipeline import lr_finder
-from cifar_pipeline.engine import new_model
-from cifar_pipeline.errors import PipelineError
-from cifar_pipeline.loaders import prepare_training
 from cifar_pipeline.params import LrFindParams, parse_params
+from cifar_pipeline.stage import PipelineError
+from cifar_pipeline.training import lr_find
+from cifar_pipeline.training.engine import new_model
+from cifar_pipeline.training.loader import prepare_training
 
 START, END, N = 1e-7, 10.0, 200
 
@@ -38,7 +38,7 @@ def curve(center: float, noise: float = 0.0, blowup: float | None = None, thresh
 
 
 def suggest(result: dict, rule: str = "steepest", **cfg) -> float:
-    return lr_finder.suggest_lr(result, LrFindParams(rule=rule, start_lr=START, end_lr=END, num_iter=N, **cfg))
+    return lr_find.suggest_lr(result, LrFindParams(rule=rule, start_lr=START, end_lr=END, num_iter=N, **cfg))
 
 
 STEP = 10 ** (np.log10(END / START) / (N - 1))  # the ratio of two neighbouring LRs of the range
@@ -79,16 +79,16 @@ def test_descent_end_without_a_turn_up_asks_for_a_higher_end_lr():
 
 def test_centred_average_has_no_lag():
     raw = np.abs(np.arange(100) - 60.0) / 10 + 1  # a V with its lowest point at index 60
-    assert int(np.argmin(lr_finder.centred_average(list(raw), 0.05))) == 60
+    assert int(np.argmin(lr_find.centred_average(list(raw), 0.05))) == 60
     assert int(np.argmin(lagging_average(raw, 0.05))) > 65  # where the lagging average puts it
 
 
 def test_centred_average_spans_1_over_smooth_points_and_at_most_a_fifth_of_a_short_curve():
     step = [0.0] * 100 + [1.0] * 100
-    changed = np.flatnonzero(np.diff(lr_finder.centred_average(step, 0.05)))
+    changed = np.flatnonzero(np.diff(lr_find.centred_average(step, 0.05)))
     assert changed.min() == 89 and changed.max() == 109  # 10 points either side of the step at 99/100
     short = [0.0] * 15 + [1.0] * 15  # a 30-step range test: 3 points either side, not 10
-    changed = np.flatnonzero(np.diff(lr_finder.centred_average(short, 0.05)))
+    changed = np.flatnonzero(np.diff(lr_find.centred_average(short, 0.05)))
     assert changed.min() == 11 and changed.max() == 17
 
 
@@ -118,7 +118,7 @@ def test_minimum_below_the_range_asks_for_a_lower_start_lr():
     lowest = result["lr"][int(np.argmin(result["loss"]))]
     with pytest.raises(PipelineError, match="a tenth of the LR of the lowest loss .* lr_find.start_lr"):
         # a start_lr within a decade of the lowest
-        lr_finder.suggest_lr(result, LrFindParams(rule="minimum", start_lr=lowest / 5, end_lr=END, num_iter=N))
+        lr_find.suggest_lr(result, LrFindParams(rule="minimum", start_lr=lowest / 5, end_lr=END, num_iter=N))
 
 
 def test_valley_is_inside_the_descent_before_the_minimum():
@@ -171,7 +171,7 @@ def test_range_test_raises_the_lr_exponentially_and_smooths_with_bias_correction
     model = tiny_model()
     before = [p.detach().clone() for p in model.parameters()]
     data = loader(40, 10, True)  # 4 batches: 12 iterations cycle through it three times
-    result = lr_finder.range_test(
+    result = lr_find.range_test(
         model, data, CPU, start_lr=1e-4, end_lr=1e-2, num_iter=12, smooth=0.3, diverge_threshold=5.0, weight_decay=0
     )
     assert not result["diverged"] and len(result["lr"]) == 12
@@ -186,7 +186,7 @@ def test_range_test_raises_the_lr_exponentially_and_smooths_with_bias_correction
 
 def test_range_test_stops_when_the_loss_diverges():
     torch.manual_seed(0)
-    result = lr_finder.range_test(
+    result = lr_find.range_test(
         tiny_model(), loader(40, 10, True), CPU, start_lr=1e-3, end_lr=1e7, num_iter=60, smooth=0.3,
         diverge_threshold=2.0, weight_decay=0,
     )  # fmt: skip
@@ -197,7 +197,7 @@ def test_range_test_stops_when_the_loss_diverges():
 def test_repeated_tests_are_averaged_step_by_step_up_to_the_first_to_stop():
     tests = [v_curve(3e-3, noise=0.05, seed=seed) for seed in range(3)]
     tests[1] = {key: value[:150] if isinstance(value, list) else True for key, value in tests[1].items()}
-    mean = lr_finder.mean_curve(tests, 0.05)
+    mean = lr_find.mean_curve(tests, 0.05)
     assert mean["lr"] == tests[1]["lr"] and mean["diverged"]
     first, second, third = (test["raw_loss"][:150] for test in tests)
     raw = [(a + b + c) / 3 for a, b, c in zip(first, second, third, strict=True)]
@@ -206,7 +206,7 @@ def test_repeated_tests_are_averaged_step_by_step_up_to_the_first_to_stop():
     # Averaging takes noise out of the pick: 30 noisy tests, alone and as 10 means of 3.
     noisy = [v_curve(3e-3, noise=0.1, seed=seed) for seed in range(30)]
     alone = np.log10([suggest(test, "descent_end") for test in noisy])
-    means = np.log10([suggest(lr_finder.mean_curve(noisy[i : i + 3], 0.05), "descent_end") for i in range(0, 30, 3)])
+    means = np.log10([suggest(lr_find.mean_curve(noisy[i : i + 3], 0.05), "descent_end") for i in range(0, 30, 3)])
     assert means.std() < 0.8 * alone.std()  # 0.050 against 0.076 decades
     assert np.abs(means - np.log10(3e-3)).max() < np.abs(alone - np.log10(3e-3)).max()
 
@@ -216,19 +216,19 @@ def test_each_repeat_starts_from_a_fresh_model_of_its_own_on_batches_of_its_own(
     monkeypatch.chdir(make_project(tmp_path))
     short = {**PARAMS["lr_find"], "num_iter": 10}  # 5 passes of the tiny loader's 2 batches a test
     params = parse_params({**PARAMS, "lr_find": {**short, "repeats": 2}})
-    single = lr_finder.run_range_test(params.model_copy(update={"lr_find": LrFindParams(**short)}))
-    repeated = lr_finder.run_range_test(params)
+    single = lr_find.run_range_test(params.model_copy(update={"lr_find": LrFindParams(**short)}))
+    repeated = lr_find.run_range_test(params)
     # The second test on its own: the model of seed + 1, on the loader's passes after the first test's.
     runtime, splits, _, _, loader = prepare_training(params)
     cfg = params.lr_find
-    second = lr_finder.range_test(
+    second = lr_find.range_test(
         new_model(params.model, params.seed + 1, runtime, len(splits.classes)), loader, runtime,
         start_lr=cfg.start_lr, end_lr=cfg.end_lr, num_iter=cfg.num_iter, smooth=cfg.smooth,
         diverge_threshold=cfg.diverge_threshold, weight_decay=params.train.weight_decay,
         first_epoch=-(-cfg.num_iter // len(loader)),
     )  # fmt: skip
     assert second["raw_loss"][0] != single["raw_loss"][0]  # not a copy of the first test
-    expected = lr_finder.mean_curve([single, second], cfg.smooth)
+    expected = lr_find.mean_curve([single, second], cfg.smooth)
     assert repeated["lr"] == expected["lr"] and repeated["diverged"] == expected["diverged"]
     assert repeated["raw_loss"] == pytest.approx(expected["raw_loss"], rel=1e-6)
 
@@ -239,12 +239,12 @@ def test_the_range_test_minimises_the_training_loss_label_smoothing_included(tmp
     monkeypatch.chdir(make_project(tmp_path))
     short = {**PARAMS["lr_find"], "num_iter": 10}
     params = parse_params({**PARAMS, "lr_find": short, "train": {**PARAMS["train"], "label_smoothing": 0.3}})
-    result = lr_finder.run_range_test(params)
+    result = lr_find.run_range_test(params)
     runtime, splits, _, _, loader = prepare_training(params)
     cfg = params.lr_find
 
     def direct(label_smoothing: float) -> dict:
-        return lr_finder.range_test(
+        return lr_find.range_test(
             new_model(params.model, params.seed, runtime, len(splits.classes)), loader, runtime,
             start_lr=cfg.start_lr, end_lr=cfg.end_lr, num_iter=cfg.num_iter, smooth=cfg.smooth,
             diverge_threshold=cfg.diverge_threshold, weight_decay=params.train.weight_decay,
@@ -271,7 +271,7 @@ def test_the_seed_spread_tables_are_what_the_stored_curves_give(model, seeds):
 def test_results_file_is_a_curve_dvc_can_plot(tmp_path):
     result = curve(-3.0, blowup=-1.0)
     path = tmp_path / "reports/lr_find.json"
-    lr_finder.save_results(path, result, 1e-3, "steepest", N, repeats=3)
+    lr_find.save_results(path, result, 1e-3, "steepest", N, repeats=3)
     saved = json.loads(path.read_text())
     assert saved["suggested_lr"] == 1e-3 and saved["rule"] == "steepest" and "wall_time_s" not in saved
     assert saved["repeats"] == 3

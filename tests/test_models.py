@@ -10,12 +10,10 @@ import torchinfo
 from torch import nn
 
 from cifar_pipeline import models
-from cifar_pipeline.choices import MODEL_NAMES
-from cifar_pipeline.errors import PipelineError
-from cifar_pipeline.model_summary import model_summary_text
 from cifar_pipeline.models import build_model
-from cifar_pipeline.params import ModelParams
-from cifar_pipeline.receptive_field import receptive_field
+from cifar_pipeline.params import MODEL_NAMES, ModelParams
+from cifar_pipeline.report.report import model_summary_text, receptive_field
+from cifar_pipeline.stage import PipelineError
 
 # The CustomResNet spec: (block, [(layer type, parameters)], block output shape).
 CONV_BN = ["Conv2d", "BatchNorm2d", "ReLU", "Dropout"]

@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import MEAN, STD, random_images
 
-from cifar_pipeline.errors import PipelineError
-from cifar_pipeline.normalization import mean_pixel, normalizer
+from cifar_pipeline.data.dataset import mean_pixel, normalizer
+from cifar_pipeline.stage import PipelineError
 
 
 def test_uint8_pixels_normalise_to_pixel_over_255_minus_mean_over_std():

@@ -9,9 +9,8 @@ import pytest
 import yaml
 from conftest import ROOT, follow_undo_advice
 
-from cifar_pipeline.augment import train_transforms
-from cifar_pipeline.choices import MODEL_NAMES
-from cifar_pipeline.params import HOLE_PROBABILITY, ParamsError, load_params, parse_params
+from cifar_pipeline.params import HOLE_PROBABILITY, MODEL_NAMES, ParamsError, load_params, parse_params
+from cifar_pipeline.training.loader import train_transforms
 
 
 def test_shipped_params_file_is_valid_and_holds_the_specified_recipe():

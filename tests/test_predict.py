@@ -15,13 +15,11 @@ from PIL import Image
 from test_checkpoint import Payload
 from tiny_model import colour_images, write_images
 
-from cifar_pipeline.checkpoint import FORMAT
-from cifar_pipeline.classifier import load_classifier
-from cifar_pipeline.cli import predict_main
-from cifar_pipeline.inference import batch_logits
-from cifar_pipeline.loaders import make_eval_loader
 from cifar_pipeline.models import build_model
-from cifar_pipeline.predict import classify, find_images, read_image
+from cifar_pipeline.models.checkpoint import FORMAT, batch_logits, load_classifier
+from cifar_pipeline.training.loader import make_eval_loader
+from cifar_pipeline.use.cli import predict_main
+from cifar_pipeline.use.predict import classify, find_images, read_image
 
 SCRIPT = Path(sys.executable).parent / "cifar-predict"
 

@@ -18,8 +18,8 @@ import yaml
 from conftest import ROOT
 from doc_pages import PAGES, blocks, commands, documented, page, relative, settings
 
-from cifar_pipeline import lr_finder
 from cifar_pipeline.params import LrFindParams, Params, ParamsError, parse_params
+from cifar_pipeline.training import lr_find
 
 README = page("README.md")
 
@@ -60,15 +60,15 @@ def test_the_rule_table_names_every_rule_and_its_picks_on_the_stored_curves():
         curves[model]["diverged"] = saved["diverged"]
     for rule, _, custom_resnet, dilated_net in rows:
         for model, shown in (("custom_resnet", custom_resnet), ("dilated_net", dilated_net)):
-            picked = lr_finder.suggest_lr(curves[model], LrFindParams(rule=rule))
+            picked = lr_find.suggest_lr(curves[model], LrFindParams(rule=rule))
             assert f"{picked:.3g}" == shown, (
                 f"the docs show {shown} for {rule} on {model}, the curve gives {picked:.3g}"
             )
 
 
 def test_the_models_table_gives_each_model_its_parameter_count():
-    from cifar_pipeline.choices import MODEL_NAMES
     from cifar_pipeline.models import build_model
+    from cifar_pipeline.params import MODEL_NAMES
 
     row = re.compile(r"^\| `(\w+)`(?: \(default\))? \| [^|]+ \| ([\d,]+) \| [^|]+ \|$", flags=re.MULTILINE)
     rows = [(name, shown) for name, shown in row.findall(README) if name in MODEL_NAMES]
@@ -265,9 +265,10 @@ def test_using_the_model_commands_run_as_shown(tiny_model, tmp_path):
 def test_the_layout_names_every_module_of_the_package():
     [layout] = [block for path in PAGES for block in blocks(path.read_text(), "") if "\nsrc/cifar_pipeline/" in block]
     package = ROOT / "src" / "cifar_pipeline"
-    modules = {p.name for p in package.glob("*.py") if p.name != "__init__.py"} | {"models/"}
-    named = set(re.findall(r"\b(\w+\.py|models/)", layout))
-    assert modules <= named, f"the layout does not name {sorted(modules - named)}"
+    modules = {p.name for p in package.rglob("*.py") if p.name != "__init__.py"}
+    folders = {f"{p.name}/" for p in package.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    named = set(re.findall(r"\b(\w+\.py|\w+/)", layout))
+    assert modules | folders <= named, f"the layout does not name {sorted((modules | folders) - named)}"
     existing = {p.name for p in ROOT.glob("*/**/*.py")}
     assert {name for name in named if name.endswith(".py")} <= existing, "the layout names a file that is gone"
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from cifar_pipeline.models import build_model
-from cifar_pipeline.receptive_field import format_receptive_field_table, receptive_field, receptive_field_table
+from cifar_pipeline.report.report import format_receptive_field_table, receptive_field, receptive_field_table
 
 MODELS = [("custom_resnet", {}), ("dilated_net", {"downsample": "stride"}), ("dilated_net", {"downsample": "dilation"})]
 

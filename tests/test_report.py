@@ -18,12 +18,12 @@ import yaml
 from conftest import MEAN, ROOT, STD, save_model
 from doc_pages import exp_show_command
 
-from cifar_pipeline.checkpoint import model_from_checkpoint
-from cifar_pipeline.download import CLASSES
-from cifar_pipeline.loaders import make_eval_loader
-from cifar_pipeline.lr_finder import save_results
+from cifar_pipeline.data.download import CLASSES
 from cifar_pipeline.models import build_model
-from cifar_pipeline.report import confusion_counts, per_class_accuracy, pick_misclassified, read_tsv
+from cifar_pipeline.models.checkpoint import model_from_checkpoint
+from cifar_pipeline.report.report import confusion_counts, per_class_accuracy, pick_misclassified, read_tsv
+from cifar_pipeline.training.loader import make_eval_loader
+from cifar_pipeline.training.lr_find import save_results
 
 PYTHON = Path(sys.executable)
 N_TEST, N_TRAIN, EPOCHS, STEPS_PER_EPOCH, MISCLASSIFIED = 60, 20, 3, 4, 8
@@ -55,7 +55,7 @@ def write_train_log(log_dir: Path) -> dict:
     cwd = Path.cwd()
     os.chdir(log_dir.parent)  # outside any Git/DVC repo: DVCLive then touches nothing but its own folder
     try:
-        # The calls the train stage makes (cifar_pipeline.training.fit), with made-up numbers.
+        # The calls the train stage makes (cifar_pipeline.training.train.fit), with made-up numbers.
         live = Live(dir=log_dir.name, resume=False, report=None, save_dvc_exp=False, dvcyaml=None)
         record = {"device": "cpu", "hardware": "2 cores of a CPU", "precision": "fp32", "augment_backend": "gpu"}
         live.log_params({"run": record | {"loader_workers": 0, "processes": 1, "torch": "2", "cuda": None}})
@@ -323,7 +323,7 @@ def test_summary_md_reports_the_run(project):
 
 
 def test_confusion_matrix_counts_the_predictions_with_class_names_and_counts(project):
-    from cifar_pipeline.report_figures import confusion_matrix
+    from cifar_pipeline.report.figures import confusion_matrix
 
     root, _ = project
     rows = read_predictions(root)
@@ -560,8 +560,8 @@ def test_the_plots_page_draws_every_chart_without_the_internet(project, tmp_path
 
 
 def test_misclassified_grid_handles_no_mistakes(tmp_path):
-    from cifar_pipeline.atomic import save_figure
-    from cifar_pipeline.report_figures import misclassified_grid
+    from cifar_pipeline.report.figures import misclassified_grid
+    from cifar_pipeline.stage import save_figure
 
     fig = misclassified_grid(np.zeros((0, 32, 32, 3), np.uint8), [], mistakes=0, total=50)
     assert fig.get_suptitle() == "No mistakes on the 50 test images"
@@ -571,7 +571,7 @@ def test_misclassified_grid_handles_no_mistakes(tmp_path):
 
 @pytest.mark.parametrize("correct", [10, 9])
 def test_summary_shows_the_mistakes_picture_only_when_there_are_mistakes(correct):
-    from cifar_pipeline.report import summary_markdown
+    from cifar_pipeline.report.report import summary_markdown
 
     ckpt = {"epoch": 5, "max_lr": 0.2, "max_lr_source": "params", "model_name": "custom_resnet", "device": "cpu"}
     accuracy = {"test_acc": 10.0 * correct, "correct": correct, "total": 10, "per_class_acc": {"cat": 90.0}}
@@ -584,7 +584,7 @@ def test_summary_shows_the_mistakes_picture_only_when_there_are_mistakes(correct
 
 
 def test_summary_names_validation_accuracy_and_params_lr_when_there_is_a_val_split():
-    from cifar_pipeline.report import summary_markdown
+    from cifar_pipeline.report.report import summary_markdown
 
     ckpt = {"epoch": 5, "max_lr": 0.2, "max_lr_source": "params", "model_name": "custom_resnet", "device": "cuda"}
     accuracy = {"test_acc": 90.0, "correct": 9, "total": 10, "per_class_acc": {"cat": 90.0}}

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from cifar_pipeline.choices import CIFAR10_CLASSES
-from cifar_pipeline.results import collect_runs, markdown, summarise
+from cifar_pipeline.params import CIFAR10_CLASSES
+from cifar_pipeline.report.results import collect_runs, markdown, summarise
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 
@@ -165,7 +165,7 @@ def test_a_finished_run_without_the_reports_metrics_is_listed_as_failed():
 
 
 def cifar_results(*args, cwd):
-    command = [sys.executable, "-c", "from cifar_pipeline.cli import results_main; results_main()", *args]
+    command = [sys.executable, "-c", "from cifar_pipeline.use.cli import results_main; results_main()", *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120)
 
 

@@ -11,11 +11,10 @@ import pytest
 from archives import make_pickle_archive
 from conftest import ROOT
 
-from cifar_pipeline.download import download
-from cifar_pipeline.errors import MissingInputError, PipelineError
+from cifar_pipeline.data.dataset import compute_stats, load_splits, load_stats, mean_std
+from cifar_pipeline.data.download import download
 from cifar_pipeline.params import DataParams
-from cifar_pipeline.splits import load_splits
-from cifar_pipeline.stats import compute_stats, load_stats, mean_std
+from cifar_pipeline.stage import MissingInputError, PipelineError
 
 
 def reference(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

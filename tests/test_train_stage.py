@@ -20,7 +20,7 @@ import torch
 import yaml
 from test_training import assert_same_outputs, colour_images, outputs
 
-from cifar_pipeline.runtime import cpu_has_native_bf16, cpu_name
+from cifar_pipeline.training.runtime import cpu_has_native_bf16, cpu_name
 
 pytestmark = pytest.mark.slow  # subprocesses or large models: make test-fast skips it
 

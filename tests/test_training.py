@@ -1,4 +1,4 @@
-"""The training recipe (engine.py) and the train run (training.py), in-process with a tiny model on the CPU."""
+"""The training recipe (training/engine.py) and the train run (training/train.py), in process, tiny model, CPU."""
 
 from __future__ import annotations
 
@@ -15,13 +15,20 @@ import torch
 from conftest import dvc_plot_values
 from torch import nn
 
-from cifar_pipeline import checkpoint_writer, engine, resume, training
-from cifar_pipeline.errors import MissingInputError, PipelineError
-from cifar_pipeline.loaders import CifarDataset, DeviceBatches, make_eval_loader, make_loader, make_train_loader
-from cifar_pipeline.normalization import normalizer
+from cifar_pipeline.data.dataset import normalizer
 from cifar_pipeline.params import AugmentParams, ModelParams, TrainParams, parse_params
-from cifar_pipeline.runtime import Runtime, make_runtime, pick_device, seed_everything
-from cifar_pipeline.sampling import set_epoch
+from cifar_pipeline.stage import MissingInputError, PipelineError
+from cifar_pipeline.training import engine, resume
+from cifar_pipeline.training import train as training
+from cifar_pipeline.training.loader import (
+    CifarDataset,
+    DeviceBatches,
+    make_eval_loader,
+    make_loader,
+    make_train_loader,
+    set_epoch,
+)
+from cifar_pipeline.training.runtime import Runtime, make_runtime, pick_device, seed_everything
 
 CPU = Runtime(torch.device("cpu"))
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -150,7 +157,7 @@ def test_pick_device_refuses_a_missing_device():
 
 @pytest.mark.parametrize("hardware", [True, False])
 def test_auto_precision_on_a_cpu_is_bf16_with_bf16_hardware_and_fp32_without(monkeypatch, hardware):
-    monkeypatch.setattr("cifar_pipeline.runtime.cpu_has_native_bf16", lambda: hardware)
+    monkeypatch.setattr("cifar_pipeline.training.runtime.cpu_has_native_bf16", lambda: hardware)
     runtime = make_runtime(TrainParams(device="cpu"))
     assert runtime == Runtime(torch.device("cpu"), torch.bfloat16 if hardware else None, True)
 
@@ -165,7 +172,7 @@ def test_cpu_runtime_precision_as_asked():
 
 
 def test_cpu_bf16_without_hardware_support_warns(monkeypatch):
-    monkeypatch.setattr("cifar_pipeline.runtime.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("cifar_pipeline.training.runtime.cpu_has_native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="no bf16 hardware"):
         make_runtime(TrainParams(device="cpu", precision="bf16"))
 
@@ -383,7 +390,15 @@ def test_fingerprint_follows_the_package_source_but_not_where_it_lies(tmp_path):
 
 @pytest.mark.parametrize(
     ("edited", "voids"),
-    [("report.py", False), ("cli.py", False), ("engine.py", True), ("training.py", True), ("augment.py", True)],
+    [
+        ("report/report.py", False),
+        ("use/cli.py", False),
+        ("stage.py", False),
+        ("training/engine.py", True),
+        ("training/train.py", True),
+        ("training/loader.py", True),
+        ("data/download.py", True),
+    ],
 )
 def test_the_fingerprint_covers_exactly_the_train_stages_code(tmp_path, edited, voids):
     """An edit of code the train stage does not run (the report's, the commands') keeps a killed run's resume state;
@@ -521,14 +536,14 @@ def test_a_kill_while_an_epochs_files_are_written_resumes_from_the_epoch_before(
     seed_everything(0)
     run_fit(tmp_path / "whole", train, max_lr=0.01)  # the test accuracy improves in epochs 1, 2 and 3
 
-    save = checkpoint_writer.save_plain
+    save = resume.save_plain
 
     def killed_at_epoch_2(path, obj):
         if path.name == "train.pt" and obj["epoch"] == 2:
             raise Interrupt  # dies before the resume state is renamed into place
         save(path, obj)
 
-    monkeypatch.setattr(checkpoint_writer, "save_plain", killed_at_epoch_2)
+    monkeypatch.setattr(resume, "save_plain", killed_at_epoch_2)
     seed_everything(0)
     with pytest.raises(Interrupt):  # raised on the training thread at the next epoch's snapshot
         run_fit(tmp_path / "cut", train, max_lr=0.01)

@@ -11,9 +11,9 @@ from archives import CLASSES
 from conftest import save_model
 from PIL import Image
 
-from cifar_pipeline.engine import make_optimizer, make_scaler, train_step
 from cifar_pipeline.models import build_model
-from cifar_pipeline.runtime import Runtime
+from cifar_pipeline.training.engine import make_optimizer, make_scaler, train_step
+from cifar_pipeline.training.runtime import Runtime
 
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.25, 0.25)
 # One colour per class, far apart from each other.

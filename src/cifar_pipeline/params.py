@@ -1,7 +1,5 @@
-"""The one typed schema for params.yaml.
-
-Every stage calls `load_params()` before doing any work, so a typo anywhere in the file stops
-`dvc repro` at its first stage with a message naming the key, the value and what is allowed.
+"""params.yaml: its schema (pydantic), validated whole before any stage works, with errors that name the key, the
+allowed values and how to put back just that key; and the value sets the schema and the code share (choices).
 """
 
 from __future__ import annotations
@@ -10,24 +8,47 @@ import difflib
 import re
 import subprocess
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cifar_pipeline import paths
-from cifar_pipeline.choices import (
-    COMPILE_MODES,
-    Backend,
-    Cifar100Labels,
-    CompileMode,
-    Device,
-    Downsample,
-    LrRule,
-    ModelName,
-    Precision,
-)
-from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.stage import PipelineError
+
+# ---------------------------------------- choices ----------------------------------------
+# The allowed values of every choice in params.yaml (and of the commands' options), written once.
+#
+# params.py validates against these types, and the code that acts on a choice reads the same names from here, so a
+# value cannot be allowed in one place and unknown in another. No imports from the package: anything may use it.
+
+Cifar100Labels = Literal["fine", "coarse"]  # data.labels: CIFAR-100's 100 fine classes or 20 superclasses
+ModelName = Literal["custom_resnet", "dilated_net"]
+Downsample = Literal["stride", "dilation"]  # dilated_net: how C1-C3 end (a strided conv, or a dilated one)
+Backend = Literal["auto", "albumentations", "gpu"]  # augment.backend
+LrRule = Literal["descent_end", "steepest", "valley", "minimum"]  # lr_find.rule
+Device = Literal["auto", "cpu", "cuda", "mps"]  # train.device, cifar-predict --device
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # train.precision
+CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]  # or false
+
+# CIFAR-10's classes, label 0 to 9 in the official order: the download stage names them, cifar-results knows the
+# dataset by them.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR100_LABELS: tuple[str, ...] = get_args(Cifar100Labels)
+MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
+DOWNSAMPLE_MODES: tuple[str, ...] = get_args(Downsample)
+BACKENDS: tuple[str, ...] = get_args(Backend)
+LR_RULES: tuple[str, ...] = get_args(LrRule)
+DEVICES: tuple[str, ...] = get_args(Device)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+
+
+# ---------------------------------------- params ----------------------------------------
+# The one typed schema for params.yaml.
+#
+# Every stage calls `load_params()` before doing any work, so a typo anywhere in the file stops
+# `dvc repro` at its first stage with a message naming the key, the value and what is allowed.
 
 # Keys that older params.yaml files may still hold, and what replaced them.
 RENAMED = {"train.amp": "train.precision (auto | fp32 | bf16 | fp16; amp: true is auto, amp: false is fp32)"}
@@ -147,7 +168,7 @@ class TrainParams(_Section):
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)  # CrossEntropyLoss's own; lr-find uses it too
     ema: Literal[False] | float = False  # false, or the decay of an average of the weights kept every step
     device: Device = "auto"
-    devices: int = Field(default=1, ge=1)  # training processes on this machine (distributed.py)
+    devices: int = Field(default=1, ge=1)  # training processes on this machine (training/runtime.py)
     precision: Precision = "auto"
     channels_last: bool = True
     deterministic: bool = False

@@ -6,10 +6,10 @@ from typing import Any
 
 from torch import nn
 
-from cifar_pipeline.choices import MODEL_NAMES
-from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.models.custom_resnet import CustomResNet
 from cifar_pipeline.models.dilated_net import DilatedNet
+from cifar_pipeline.params import MODEL_NAMES
+from cifar_pipeline.stage import PipelineError
 
 MODELS: dict[str, type[nn.Module]] = {"custom_resnet": CustomResNet, "dilated_net": DilatedNet}
 assert tuple(MODELS) == MODEL_NAMES, "every allowed model.name needs its class here"

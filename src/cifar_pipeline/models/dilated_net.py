@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cifar_pipeline.choices import DOWNSAMPLE_MODES
+from cifar_pipeline.params import DOWNSAMPLE_MODES
 
 
 def conv_bn(

@@ -20,13 +20,11 @@ import numpy as np
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cifar_pipeline.atomic import save_figure, write_json
-from cifar_pipeline.engine import loader_batches, make_optimizer, make_scaler, new_model, train_step
-from cifar_pipeline.errors import PipelineError
-from cifar_pipeline.loaders import prepare_training
 from cifar_pipeline.params import LrFindParams, Params
-from cifar_pipeline.runtime import Runtime
-from cifar_pipeline.sampling import set_epoch
+from cifar_pipeline.stage import PipelineError, save_figure, write_json
+from cifar_pipeline.training.engine import loader_batches, make_optimizer, make_scaler, new_model, train_step
+from cifar_pipeline.training.loader import prepare_training, set_epoch
+from cifar_pipeline.training.runtime import Runtime
 
 # The bias-corrected average still follows single batches over its first points (about 1/smooth of them): their
 # slope is noise, so the steepest rule skips them, and a suggestion there means the range starts too late.

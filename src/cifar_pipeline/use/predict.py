@@ -1,6 +1,6 @@
 """Classify image files with a trained checkpoint: what `cifar-predict` does.
 
-Each file becomes a model input as images.py says (upright, RGB, the largest centred square resized to 32x32 with
+Each file becomes a model input as data/download.py says (upright, RGB, the largest centred square resized to 32x32 with
 a bicubic filter), the way the download stage reads an image-folder archive. Last, the pixels are normalised with the
 checkpoint's own mean and std, as the test images were in training.
 """
@@ -18,10 +18,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from cifar_pipeline.classifier import Classifier
-from cifar_pipeline.errors import PipelineError
-from cifar_pipeline.images import to_model_input
-from cifar_pipeline.inference import batch_logits, flip_tta_logits, softmax
+from cifar_pipeline.data.download import to_model_input
+from cifar_pipeline.models.checkpoint import Classifier, batch_logits, flip_tta_logits, softmax
+from cifar_pipeline.stage import PipelineError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a folder is searched for; a file named explicitly may be any
 PROGRESS_MIN_FILES = 300  # a progress bar for more files than this (on a terminal)

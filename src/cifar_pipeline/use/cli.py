@@ -12,8 +12,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from cifar_pipeline.choices import DEVICES
-from cifar_pipeline.errors import run_stage
+from cifar_pipeline.params import DEVICES
+from cifar_pipeline.stage import run_stage
 
 DEFAULT_MODEL = "models/model.pt"
 MODEL_HELP = f"checkpoint written by the train stage (default {DEFAULT_MODEL})"
@@ -49,9 +49,9 @@ def predict_parser() -> argparse.ArgumentParser:
 def _predict(argv: Sequence[str] | None) -> None:
     args = predict_parser().parse_args(argv)
     # Imported after parsing: --help and usage errors answer at once, without loading torch.
-    from cifar_pipeline.classifier import load_classifier
-    from cifar_pipeline.predict import PROGRESS_MIN_FILES, classify, find_images
-    from cifar_pipeline.runtime import pick_device
+    from cifar_pipeline.models.checkpoint import load_classifier
+    from cifar_pipeline.training.runtime import pick_device
+    from cifar_pipeline.use.predict import PROGRESS_MIN_FILES, classify, find_images
 
     classifier = load_classifier(args.model)
     device = pick_device(args.device, key="--device")
@@ -103,8 +103,8 @@ def export_parser() -> argparse.ArgumentParser:
 
 def _export(argv: Sequence[str] | None) -> None:
     args = export_parser().parse_args(argv)
-    from cifar_pipeline.classifier import load_classifier
-    from cifar_pipeline.export import export_onnx
+    from cifar_pipeline.models.checkpoint import load_classifier
+    from cifar_pipeline.use.export import export_onnx
 
     classifier = load_classifier(args.model)
     export_onnx(classifier, args.output)
@@ -151,9 +151,8 @@ def results_parser() -> argparse.ArgumentParser:
 def _results(argv: Sequence[str] | None) -> None:
     from pathlib import Path
 
-    from cifar_pipeline.atomic import write_json, write_text
-    from cifar_pipeline.errors import PipelineError
-    from cifar_pipeline.results import DEFAULT_IGNORED, collect_runs, exp_show_json, markdown, summarise
+    from cifar_pipeline.report.results import DEFAULT_IGNORED, collect_runs, exp_show_json, markdown, summarise
+    from cifar_pipeline.stage import PipelineError, write_json, write_text
 
     args = results_parser().parse_args(argv)
     if args.from_json:

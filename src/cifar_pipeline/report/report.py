@@ -1,10 +1,5 @@
-"""The report stage: evaluate models/model.pt on the test split and write what a person reads after a run.
-
-Outputs (all under reports/): predictions.csv (one row per test image, DVC's confusion plot), per_class.json
-(DVC metrics), confusion_matrix.png, misclassified.png, metrics_curves.png, model_summary.txt and summary.md, which
-ties them together with the run's numbers and each stage's wall time. With report.tta the test split is also evaluated
-with horizontal-flip test-time augmentation; the headline (test_acc) stays the plain accuracy, test_acc_flip_tta sits
-beside it.
+"""The report stage: test accuracy (per class, confusion, flip TTA) of models/model.pt, the misclassified images, the
+curves, and reports/summary.md with the model summary (torchinfo) and its receptive field table.
 """
 
 from __future__ import annotations
@@ -12,23 +7,150 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from cifar_pipeline import paths
-from cifar_pipeline.atomic import save_figure, write_json, write_text
-from cifar_pipeline.checkpoint import load_checkpoint, model_from_checkpoint
-from cifar_pipeline.errors import PipelineError, require_inputs
-from cifar_pipeline.inference import batch_logits, flip_tta_logits, softmax
-from cifar_pipeline.model_summary import model_summary_text
+from cifar_pipeline.data.dataset import load_test_split, read_classes
+from cifar_pipeline.models.checkpoint import (
+    batch_logits,
+    flip_tta_logits,
+    load_checkpoint,
+    model_from_checkpoint,
+    softmax,
+)
 from cifar_pipeline.params import Params
 from cifar_pipeline.paths import DATA_DIR, LIVE_DIR, LR_FIND, META, MODEL, REPORTS
-from cifar_pipeline.report_figures import confusion_matrix, metrics_curves, misclassified_grid
-from cifar_pipeline.runtime import pick_device
-from cifar_pipeline.splits import load_test_split, read_classes
+from cifar_pipeline.report.figures import confusion_matrix, metrics_curves, misclassified_grid
+from cifar_pipeline.stage import PipelineError, require_inputs, save_figure, write_json, write_text
+from cifar_pipeline.training.runtime import pick_device
+
+# ---------------------------------------- receptive field ----------------------------------------
+# Receptive field of every spatial layer, computed from kernel, stride, dilation and padding.
+#
+# The layers are walked in registration order, which both models keep equal to their forward order. A residual block
+# adds its input to its branch's output; the branch has the larger receptive field, so walking the branch gives the
+# receptive field of the sum too (the max over the two paths). Only square kernels and inputs are handled.
+
+SPATIAL = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+COLUMNS = ("layer", "type", "kernel", "stride", "dilation", "padding", "jump", "receptive_field", "output_size", "note")
+
+
+def _first(value: int | tuple[int, ...]) -> int:
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _geometry(layer: nn.Module, size: int) -> tuple[int, int, int, int, bool]:
+    """(kernel, stride, dilation, padding, ceil_mode) of one layer fed a size x size map."""
+    if isinstance(layer, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        out = _first(layer.output_size) or size
+        return size // out, size // out, 1, 0, False
+    kernel = _first(layer.kernel_size)
+    stride = _first(layer.stride) if layer.stride is not None else kernel
+    dilation = _first(getattr(layer, "dilation", 1))
+    padding = layer.padding
+    if padding == "same":
+        padding = dilation * (kernel - 1) // 2
+    elif padding == "valid":
+        padding = 0
+    return kernel, stride, dilation, _first(padding), getattr(layer, "ceil_mode", False)
+
+
+def receptive_field_table(model: nn.Module, input_size: int = 32) -> list[dict]:
+    """One row per spatial layer; the walk stops after the first global pooling (output 1x1), which sees it all."""
+    residual = tuple(getattr(model, "residual_branches", ()))
+    size, jump, field = input_size, 1, 1
+    rows = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, SPATIAL):
+            continue
+        kernel, stride, dilation, padding, ceil_mode = _geometry(layer, size)
+        span = dilation * (kernel - 1) + 1
+        rounding = math.ceil if ceil_mode else math.floor
+        out = int(rounding((size + 2 * padding - span) / stride)) + 1
+        field += (kernel - 1) * dilation * jump
+        jump *= stride
+        note = ""
+        if out == 1 and size > 1 and not isinstance(layer, nn.Conv2d):
+            note = "global pooling: each output sees the whole image"
+        elif name.split(".")[0] in residual:
+            note = "residual branch: x + branch(x) has the branch's field"
+        rows.append(
+            {
+                "layer": name,
+                "type": type(layer).__name__,
+                "kernel": kernel,
+                "stride": stride,
+                "dilation": dilation,
+                "padding": padding,
+                "jump": jump,
+                "receptive_field": field,
+                "output_size": out,
+                "note": note,
+            }
+        )
+        size = out
+        if note.startswith("global"):
+            break
+    return rows
+
+
+def receptive_field(model: nn.Module, input_size: int = 32) -> int:
+    """Receptive field (pixels) of the last spatial feature map, before global pooling and the classifier."""
+    rows = [row for row in receptive_field_table(model, input_size) if not row["note"].startswith("global")]
+    return rows[-1]["receptive_field"] if rows else 1
+
+
+def format_receptive_field_table(rows: list[dict]) -> str:
+    """The table as aligned plain text."""
+    cells = [list(COLUMNS)] + [[str(row[column]) for column in COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+# ---------------------------------------- model summary ----------------------------------------
+# The model summary written to reports/model_summary.txt: torchinfo's layer table, then the receptive fields.
+
+
+def model_summary_text(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -> str:
+    from torchinfo import summary
+
+    # torchinfo would move a CPU model to CUDA when one is present: keep it where it is.
+    device = next(model.parameters()).device
+    table = summary(
+        model,
+        input_size=input_size,
+        depth=2,
+        col_names=("input_size", "kernel_size", "output_size", "num_params", "trainable"),
+        row_settings=("var_names",),
+        device=device,
+        verbose=0,
+    )
+    rows = receptive_field_table(model, input_size[-1])
+    return (
+        f"{table}\n\n"
+        f"Receptive field per spatial layer ({input_size[-1]}x{input_size[-1]} input; jump = input pixels between "
+        f"neighbouring outputs)\n"
+        f"{format_receptive_field_table(rows)}\n\n"
+        f"Receptive field of the last feature map: {receptive_field(model, input_size[-1])} pixels\n"
+    )
+
+
+# ---------------------------------------- report ----------------------------------------
+# The report stage: evaluate models/model.pt on the test split and write what a person reads after a run.
+#
+# Outputs (all under reports/): predictions.csv (one row per test image, DVC's confusion plot), per_class.json
+# (DVC metrics), confusion_matrix.png, misclassified.png, metrics_curves.png, model_summary.txt and summary.md, which
+# ties them together with the run's numbers and each stage's wall time. With report.tta the test split is also evaluated
+# with horizontal-flip test-time augmentation; the headline (test_acc) stays the plain accuracy, test_acc_flip_tta sits
+# beside it.
 
 # Every input and the stage that makes it: a fresh clone gets "run the 'train' stage first", not a traceback.
 INPUTS = {

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from cifar_pipeline import paths
-from cifar_pipeline.choices import CIFAR10_CLASSES
-from cifar_pipeline.errors import PipelineError
+from cifar_pipeline.params import CIFAR10_CLASSES
+from cifar_pipeline.stage import PipelineError
 
 # The CIFAR-10 accuracy each model is meant to reach in 24 epochs (the project's targets, README). It applies to runs
 # on CIFAR-10 only (known by their classes); --target sets one for every group.

@@ -1,20 +1,6 @@
-"""The download stage: fetch the dataset's archive, check it, and write data/cifar10/{train,test}.npz + meta.json.
-
-The archive may be a URL (official host or a mirror), a file:// URL or a local path. Its layout is detected
-from its contents: the official CIFAR-10 python-pickle batches, the official CIFAR-100 python archive (fine or coarse
-labels, data.labels), or an image folder ([top/]train/<class>/*.png|jpg, test/<class>/*.png|jpg) with any number of
-classes. Members are read straight from the tar stream, never extracted, and pickles go through a restricted
-unpickler, so a hostile archive can neither write outside data/ nor run code. The output folder keeps its name,
-data/cifar10, whatever the dataset: meta.json says which classes it holds.
-
-An image folder's classes are its train/ folder names in sorted order (Python's sorted(): by Unicode code point, so
-"Zebra" comes before "ant"); for CIFAR-10's own folder names that is the official label order. Images of another size
-or mode become 32x32 RGB as cifar-predict makes them (images.py); files that are not PNG or JPEG are skipped, and the
-stage says how many of each. An image that cannot be decoded, a class folder without images, fewer than 2 classes,
-or train/ and test/ with different class folders stop the stage with one line naming what is wrong.
-
-The output is a function of the archive alone: the same archive gives byte-identical files (the npz members carry a
-fixed timestamp, and the stage's wall time goes to a file of its own), so rerunning the stage reruns nothing after it.
+"""The download stage: any supported archive (CIFAR-10's pickle batches, CIFAR-100, or a folder of images per
+class, tar/zip/gz) -> data/cifar10/{train,test}.npz + meta.json; and how one image file becomes a 32x32 RGB input
+(`to_model_input`, shared with cifar-predict).
 """
 
 from __future__ import annotations
@@ -39,13 +25,58 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from cifar_pipeline.choices import CIFAR10_CLASSES, CIFAR100_LABELS
-from cifar_pipeline.errors import PipelineError
-from cifar_pipeline.images import to_model_input
+from cifar_pipeline.params import CIFAR10_CLASSES, CIFAR100_LABELS
 from cifar_pipeline.paths import DATA_DIR
+from cifar_pipeline.stage import PipelineError
+
+# ---------------------------------------- images ----------------------------------------
+# How any picture becomes a 32x32 RGB model input: the same for cifar-predict's files and the download stage's
+# image-folder archives, so that a model sees its own data and a user's photos alike.
+#
+# Pillow reads the image (PNG, JPEG, or anything else Pillow knows), turns it upright by its EXIF orientation and
+# converts it to RGB (grey and palette images too; an alpha channel is dropped). Then the largest centred square is
+# cropped, so the object keeps its proportions, and resized to 32x32 with Pillow's bicubic filter, which averages over
+# the pixels it shrinks so that a large photo does not alias. A 32x32 RGB image is used as it is.
+
+IMAGE_SIZE = 32
+ORIENTATION = 0x0112  # the EXIF tag; 1 is upright
+
+
+def to_model_input(image: Image.Image) -> tuple[np.ndarray, bool]:
+    """(uint8 (32, 32, 3) RGB array, whether the image had to be changed: another size, mode or orientation)."""
+    rotated = image.getexif().get(ORIENTATION, 1) != 1
+    changed = rotated or image.mode != "RGB"
+    rgb = ImageOps.exif_transpose(image).convert("RGB")
+    if rgb.size != (IMAGE_SIZE, IMAGE_SIZE):
+        side = min(rgb.size)
+        left, top = (rgb.width - side) // 2, (rgb.height - side) // 2
+        rgb = rgb.crop((left, top, left + side, top + side)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
+        changed = True
+    return np.asarray(rgb, dtype=np.uint8), changed
+
+
+# ---------------------------------------- download ----------------------------------------
+# The download stage: fetch the dataset's archive, check it, and write data/cifar10/{train,test}.npz + meta.json.
+#
+# The archive may be a URL (official host or a mirror), a file:// URL or a local path. Its layout is detected
+# from its contents: the official CIFAR-10 python-pickle batches, the official CIFAR-100 python archive (fine or coarse
+# labels, data.labels), or an image folder ([top/]train/<class>/*.png|jpg, test/<class>/*.png|jpg) with any number of
+# classes. Members are read straight from the tar stream, never extracted, and pickles go through a restricted
+# unpickler, so a hostile archive can neither write outside data/ nor run code. The output folder keeps its name,
+# data/cifar10, whatever the dataset: meta.json says which classes it holds.
+#
+# An image folder's classes are its train/ folder names in sorted order (Python's sorted(): by Unicode code point, so
+# "Zebra" comes before "ant"); for CIFAR-10's own folder names that is the official label order. Images of another size
+# or mode become 32x32 RGB as cifar-predict makes them (to_model_input, above); files that are not PNG or JPEG are
+# skipped, and the stage says how many of each. An image that cannot be decoded, a class folder without images,
+# fewer than 2 classes, or train/ and test/ with different class folders stop the stage with one line naming what is
+# wrong.
+#
+# The output is a function of the archive alone: the same archive gives byte-identical files (the npz members carry a
+# fixed timestamp, and the stage's wall time goes to a file of its own), so rerunning the stage reruns nothing after it.
 
 # The official label order: label i is CLASSES[i].
 CLASSES = CIFAR10_CLASSES

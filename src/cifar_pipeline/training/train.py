@@ -4,7 +4,7 @@ Outputs: models/model.pt (last epoch), models/best.pt (best test accuracy, or be
 data.val_size > 0), reports/train_samples.png, reports/augmentations.yaml, and DVCLive's reports/train/{metrics.json,
 plots/metrics/**.tsv, plots/custom/lr_schedule.json}.
 
-The resume state and the best epoch's model are written by a background thread (checkpoint_writer.py), both under
+The resume state and the best epoch's model are written by a background thread (training/resume.py), both under
 .resume/ (DVC may delete or replace models/best.pt before a rerun) until the last epoch, when the best model moves to
 models/best.pt. The training thread copies the tensors into buffers reused every epoch and goes on; it waits only
 if the last epoch's files are still being written. A kill during a write leaves the previous files in place (each
@@ -26,11 +26,11 @@ from dvclive import Live
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cifar_pipeline import distributed, paths
-from cifar_pipeline.augment import save_augmentation_record
-from cifar_pipeline.checkpoint import make_checkpoint, model_state, save_plain
-from cifar_pipeline.checkpoint_writer import CheckpointWriter
-from cifar_pipeline.engine import (
+from cifar_pipeline import paths
+from cifar_pipeline.models.checkpoint import make_checkpoint, model_state, save_plain
+from cifar_pipeline.params import Params, TrainParams
+from cifar_pipeline.stage import PipelineError, require_inputs
+from cifar_pipeline.training.engine import (
     compile_model,
     evaluate,
     make_ema,
@@ -40,13 +40,21 @@ from cifar_pipeline.engine import (
     new_model,
     train_epoch,
 )
-from cifar_pipeline.errors import PipelineError, require_inputs
-from cifar_pipeline.loaders import make_eval_loader, prepare_training
-from cifar_pipeline.params import Params, TrainParams
-from cifar_pipeline.plots import save_train_samples
-from cifar_pipeline.resume import fingerprint, load_resume_state, restore_rng_states, rng_states
-from cifar_pipeline.runtime import Runtime
-from cifar_pipeline.sampling import set_epoch
+from cifar_pipeline.training.loader import (
+    make_eval_loader,
+    prepare_training,
+    save_augmentation_record,
+    save_train_samples,
+    set_epoch,
+)
+from cifar_pipeline.training.resume import (
+    CheckpointWriter,
+    fingerprint,
+    load_resume_state,
+    restore_rng_states,
+    rng_states,
+)
+from cifar_pipeline.training.runtime import Runtime, close, finish
 
 
 def resolve_max_lr(setting: float | str, lr_find_path: str | Path = paths.LR_FIND) -> tuple[float, str]:
@@ -69,20 +77,17 @@ def resolve_max_lr(setting: float | str, lr_find_path: str | Path = paths.LR_FIN
 def train(params: Params) -> dict[str, Any] | None:
     """Everything the train stage does: its outputs on disk, and DVCLive's summary of the run returned (by rank 0
     of several processes; None by the others, which write nothing)."""
-    runtime = None
-    if distributed.under_torchrun():
-        runtime = distributed.make_runtime(params.train, params.augment.backend, params.data.num_workers)
     try:
-        summary = _train(params, runtime)
-        distributed.finish()
+        summary = _train(params)
+        finish()
         return summary
     finally:
-        distributed.close()
+        close()
 
 
-def _train(params: Params, runtime: Runtime | None) -> dict[str, Any] | None:
+def _train(params: Params) -> dict[str, Any] | None:
     full_batches = bool(params.train.compile)
-    runtime, splits, mean, std, train_loader = prepare_training(params, full_batches, runtime)
+    runtime, splits, mean, std, train_loader = prepare_training(params, full_batches)
     max_lr, max_lr_source = resolve_max_lr(params.train.max_lr)
     loading = {"batch_size": params.train.batch_size, "seed": params.seed, "num_workers": runtime.num_workers}
     loading.update(device=runtime.device, rank=runtime.rank, world_size=runtime.world_size)
@@ -98,13 +103,9 @@ def _train(params: Params, runtime: Runtime | None) -> dict[str, Any] | None:
     if runtime.main:
         save_train_samples(train_loader.dataset, splits.classes, paths.TRAIN_SAMPLES)
         save_augmentation_record(params.augment, backend, mean, std, paths.AUGMENTATIONS)
-        where = runtime.device
-        if runtime.distributed:
-            processes = f"{runtime.world_size} process{'es' if runtime.world_size > 1 else ''}"
-            where = f"{processes} ({runtime.device.type}, {distributed.backend()})"
         print(
             f"training {params.model.name} on {len(splits.train_labels)} images for {params.train.epochs} epochs on "
-            f"{where} (max LR {max_lr:.4g} from {max_lr_source}, {backend} augment backend)",
+            f"{runtime.where()} (max LR {max_lr:.4g} from {max_lr_source}, {backend} augment backend)",
             flush=True,
         )
     inputs = [paths.STATS, paths.META] + ([paths.LR_FIND] if max_lr_source == "lr-find" else [])
@@ -189,7 +190,7 @@ def fit(
     std, ...) goes into both checkpoints as it is. The outputs go to their paths.py places under `root`.
 
     On several processes (runtime.distributed) the model trains through DDP with synchronised batch norm
-    (distributed.py); rank 0 alone reads and writes the files and returns the summary, the others return None.
+    (training/runtime.py); rank 0 alone reads and writes the files and returns the summary, the others return None.
     """
     started = time.perf_counter()
     model, step_model, parts = _train_parts(model, train, runtime, max_lr, train_loader)
@@ -210,7 +211,7 @@ def fit(
             improved = progress.add(record, lrs)
             if epoch < train.epochs:
                 # Every process's RNG states, in rank order (dropout draws differ between processes).
-                rngs = distributed.gather(rng_states()) if runtime.distributed else [rng_states()]
+                rngs = runtime.gather(rng_states())
             if runtime.main:
                 _log_epoch(live, record, progress.best)
                 _log_lr_schedule(live, progress.lr_history)
@@ -241,10 +242,7 @@ def _train_parts(
             "train.compile: false"
         )
     steps_per_epoch = len(train_loader)
-    step_model = model
-    if runtime.distributed:
-        model = distributed.sync_batchnorm(model, runtime.device.type)
-        step_model = distributed.wrap(model, runtime.device)
+    model, step_model = runtime.parallel(model)
     step_model = compile_model(step_model, train.compile) if train.compile else step_model
     optimizer = make_optimizer(model, max_lr / train.div_factor, train.weight_decay, runtime)
     scheduler = make_scheduler(optimizer, max_lr, train.epochs, steps_per_epoch, train.peak_epoch, train.div_factor)
@@ -262,8 +260,7 @@ def _resume(
     state = None
     if runtime.main:
         state = load_resume_state(files.root / paths.RESUME, files.fingerprint, files.root / paths.RESUME_BEST)
-    if runtime.distributed:
-        state = distributed.broadcast(state)
+    state = runtime.broadcast(state)
     if state is None:
         return progress, None
     for name, part in parts.items():

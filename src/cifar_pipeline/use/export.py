@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cifar_pipeline.atomic import atomic_path
-from cifar_pipeline.classifier import Classifier
+from cifar_pipeline.models.checkpoint import Classifier
+from cifar_pipeline.stage import atomic_path
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 

@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 
-from cifar_pipeline.plots import image_grid, plt
+from cifar_pipeline.data.dataset import image_grid, plt
 
 
 def metrics_curves(

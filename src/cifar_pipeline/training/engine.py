@@ -1,5 +1,5 @@
 """The training recipe shared by the lr-find and train stages: a new model, Adam, the One Cycle schedule, the train
-step, one epoch, and evaluation. Where and how it runs (device, precision) is runtime.py's.
+step, one epoch, and evaluation. Where and how it runs (device, precision) is training/runtime.py's.
 
 The epoch loop does not sync the host with the device per step: losses and correct counts accumulate on the device
 and are read once per epoch (and every few steps by the progress bar, on a terminal only), which keeps a GPU busy.
@@ -17,10 +17,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cifar_pipeline.errors import PipelineError
 from cifar_pipeline.models import build_model
 from cifar_pipeline.params import ModelParams
-from cifar_pipeline.runtime import Runtime
+from cifar_pipeline.stage import PipelineError
+from cifar_pipeline.training.runtime import Runtime
 
 
 def prepare_model(model: nn.Module, runtime: Runtime) -> nn.Module:
@@ -157,7 +157,7 @@ def train_epoch(
     epoch, on the per-step losses kept on the device).
 
     On several processes (runtime.distributed) each trains on its share of every batch with its summed loss times
-    (processes / global batch size): DDP's mean of the gradients is then the global batch's (distributed.py). The
+    (processes / global batch size): DDP's mean of the gradients is then the global batch's (training/runtime.py). The
     returned loss and accuracy are the global batches', the same on every process.
     """
     model.train()

@@ -1,0 +1,1 @@
+"""The report stage, and cifar-results (experiments compared over seeds)."""

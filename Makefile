@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 repro: $(STAMP)
 	dvc repro
 
+# Two pytest-xdist workers: the end-to-end tests spend much of their time starting Python and DVC on one core, which
+# the second worker overlaps (docs/reproducibility.md: the times).
 test: $(STAMP)
-	pytest
+	pytest -n 2
 
 test-fast: $(STAMP)
 	pytest -m "not e2e and not slow"

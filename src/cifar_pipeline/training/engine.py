@@ -122,10 +122,6 @@ def train_step(
     return loss.detach(), logits.detach()
 
 
-def _weighted(loss_fn: nn.Module, weight: float, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return loss_fn(logits, labels) * weight
-
-
 @dataclass
 class EpochStats:
     loss: float  # mean over the epoch's images
@@ -156,15 +152,11 @@ def train_epoch(
     A loss that turns nan or inf stops the run with the step and LR where it happened (the check is once per
     epoch, on the per-step losses kept on the device).
 
-    On several processes (runtime.distributed) each trains on its share of every batch with its summed loss times
-    (processes / global batch size): DDP's mean of the gradients is then the global batch's (training/runtime.py). The
-    returned loss and accuracy are the global batches', the same on every process.
+    On several processes each trains on its share of every batch (runtime.criterion); the returned loss and accuracy
+    are the global batches', the same on every process (runtime.epoch_totals).
     """
     model.train()
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    if runtime.distributed:
-        global_sizes = loader.batch_sampler.global_sizes()
-        summed = nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
+    criterion = runtime.criterion(loader, label_smoothing)
     step_losses = torch.zeros(len(loader), device=runtime.device)
     correct = torch.zeros((), dtype=torch.int64, device=runtime.device)
     sizes: list[int] = []
@@ -176,14 +168,9 @@ def train_epoch(
     for step, (images, labels) in enumerate(bar):
         images, labels = runtime.to_device(images, labels)
         lrs.append(optimizer.param_groups[0]["lr"])
-        if runtime.distributed:
-            weight = runtime.world_size / global_sizes[step]
-            loss_fn = partial(_weighted, summed, weight)
-        loss, logits = train_step(model, images, labels, optimizer, loss_fn, scaler, runtime)
+        loss, logits = train_step(model, images, labels, optimizer, partial(criterion, step), scaler, runtime)
         if ema is not None:
             ema.update_parameters(model)
-        if runtime.distributed:
-            loss = loss / weight  # this process's summed loss
         # The last scheduler step would lie past the schedule's end (and divides by zero when the peak is the last
         # epoch): the LR after the final batch is never used.
         if scheduler.last_epoch + 1 < scheduler.total_steps:
@@ -192,21 +179,14 @@ def train_epoch(
         correct += (logits.argmax(dim=1) == labels).sum()
         sizes.append(len(labels))
         if not bar.disable and step % postfix_every == 0:
-            shown = loss / len(labels) if runtime.distributed else loss
-            bar.set_postfix(loss=f"{shown.item():.3f}", acc=f"{100 * correct.item() / sum(sizes):.1f}%")
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100 * correct.item() / sum(sizes):.1f}%")
     bar.close()
 
-    step_losses = step_losses[: len(sizes)]
-    if runtime.distributed:  # the global batches' summed losses and correct count, then their mean losses
-        torch.distributed.all_reduce(step_losses)
-        torch.distributed.all_reduce(correct)
-        sizes = global_sizes[: len(sizes)]
-        step_losses = step_losses / torch.tensor(sizes, dtype=step_losses.dtype, device=step_losses.device)
+    step_losses, correct, sizes = runtime.epoch_totals(loader, step_losses[: len(sizes)], correct, sizes)
     step_losses = step_losses.cpu()
     bad = (~torch.isfinite(step_losses)).nonzero()
     if len(bad):
-        if runtime.distributed:  # every process stops here alike: none leaves while another still reads from it
-            torch.distributed.barrier()
+        runtime.barrier()  # every process stops here alike: none leaves while another still reads from it
         step = int(bad[0])
         raise PipelineError(
             f"the training loss became {step_losses[step].item()} in {desc}, step {step + 1} of {len(sizes)}, "
@@ -223,7 +203,7 @@ def train_epoch(
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime) -> tuple[float, float]:
     """(mean cross-entropy loss, accuracy in percent) of `model` over `loader`: over every process's share of it
-    on several processes (runtime.distributed)."""
+    on several processes."""
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
@@ -236,11 +216,9 @@ def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime) -> tuple[fl
         loss_sum += loss_fn(logits.float(), labels)
         correct += (logits.argmax(dim=1) == labels).sum()
         count += len(labels)
-    if runtime.distributed:
-        images = torch.tensor(count, dtype=torch.float64, device=runtime.device)
-        totals = torch.stack([loss_sum, correct.double(), images])
-        torch.distributed.all_reduce(totals)
-        loss_sum, correct, count = totals[0], totals[1], int(totals[2].item())
+    images = torch.tensor(count, dtype=torch.float64, device=runtime.device)
+    loss_sum, correct, images = runtime.all_reduce(torch.stack([loss_sum, correct.double(), images]))
+    count = int(images.item())
     if count == 0:
         raise PipelineError("nothing to evaluate: the evaluation split is empty")
     return loss_sum.item() / count, 100.0 * correct.item() / count

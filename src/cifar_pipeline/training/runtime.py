@@ -2,9 +2,10 @@
 
 `make_runtime` turns every `auto` of params.yaml that depends on the machine (the device, the autocast precision,
 the augmentation backend, the loader workers) into its value, here and nowhere else; `Runtime.record()` names what
-was used, for the run's files. On one process the Runtime's `parallel`, `broadcast` and `gather` are the identity;
-under torchrun (`train.devices` > 1) they are DDP's and torch.distributed's (the last section), so the training
-code has one path. Also: which GPU a run takes when several share a machine, and the seeding of every RNG.
+was used, for the run's files. On one process the Runtime's `parallel`, `broadcast`, `gather`, `all_reduce`,
+`barrier`, `criterion` and `epoch_totals` are the identity or the plain thing; under torchrun (`train.devices` > 1)
+they are DDP's and torch.distributed's (the last section), so the training code (train.py, engine.py) has one
+path. Also: which GPU a run takes when several share a machine, and the seeding of every RNG.
 """
 
 from __future__ import annotations
@@ -94,6 +95,38 @@ class Runtime:
     def gather(self, obj: Any) -> list[Any] | None:
         """Every process's `obj` in rank order on rank 0 (None elsewhere)."""
         return gather(obj) if self.distributed else [obj]
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of every process's `tensor`, on every process."""
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def criterion(self, loader: Any, label_smoothing: float) -> Callable[..., torch.Tensor]:
+        """The train step's loss of batch `step`, criterion(step, logits, labels): the batch's mean cross-entropy. On
+        several processes each has a share of the global batch (sizes may differ by one image): its summed loss times
+        (processes / global batch size), so that DDP's mean of the gradients is the global batch's."""
+        if not self.distributed:
+            mean = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+            return lambda step, logits, labels: mean(logits, labels)
+        summed = nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
+        weights = [self.world_size / size for size in loader.batch_sampler.global_sizes()]
+        return lambda step, logits, labels: summed(logits, labels) * weights[step]
+
+    def epoch_totals(
+        self, loader: Any, step_losses: torch.Tensor, correct: torch.Tensor, sizes: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(each step's mean loss, correct count, batch sizes) of an epoch's global batches, from this process's
+        criterion values, correct count and batch sizes: the same on every process."""
+        if not self.distributed:
+            return step_losses, correct, sizes
+        # The criterion values sum over the processes to processes x the global batch's mean loss.
+        step_losses = self.all_reduce(step_losses) / self.world_size
+        return step_losses, self.all_reduce(correct), loader.batch_sampler.global_sizes()[: len(sizes)]
 
     def where(self) -> str:
         """Where the run trains, for its first line: the device, or the processes and their backend."""
